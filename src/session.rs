@@ -1,0 +1,523 @@
+//! The ZooKeeper session actor: owns the client, keeps the pod registered, and tells the other
+//! actors when the session comes, goes or comes back.
+//!
+//! It is the only place that maps the client's session states onto what the pod does:
+//!
+//! - `Disconnected`: the session may still come back; subscribers get `Suspended` (a leader
+//!   stops driving configuration until it has checked its lock again).
+//! - `SyncConnected` after a disconnection: subscribers get `Resumed` with the same client, and
+//!   must re-arm their watches and re-read what they watch, because events that fired while the
+//!   connection was down may be lost.
+//! - `Expired`, `AuthFailed`, or `Closed` while not closing: the ephemeral nodes are gone;
+//!   subscribers get `Lost`, the actor builds a new client and registers again under the same
+//!   key and seq, then subscribers get `Registered` with the new client.
+//!
+//! The first registration is an ephemeral sequential node `pods/<key>.`; its sequence number
+//! becomes the pod's seq for the life of the process. Later registrations create the plain
+//! ephemeral node `pods/<key>.<seq>`, so a pod keeps its seq across session expiry. When a
+//! `create` fails with a connection loss, the node may exist anyway: the next attempt first
+//! looks for a child named after the key before creating another one.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use log::{debug, error, info, warn};
+use zookeeper_client as zk;
+
+use crate::layout;
+use crate::registration::{child_name, parse_child_name, Registration};
+use crate::telemetry::{SessionState, Telemetry};
+
+/// Delay before a failed connection or registration is tried again.
+const RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// How long a graceful close waits for ZooKeeper to confirm the node deletion.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the session actor tells its subscribers.
+#[derive(Clone, Debug, Message)]
+#[rtype(result = "()")]
+pub enum SessionEvent {
+    /// The pod is registered on a new session: watches must be armed and state read anew.
+    Registered { client: zk::Client },
+    /// The connection dropped; the session may still come back.
+    Suspended,
+    /// The same session is connected again: watches must be re-armed and state re-read.
+    Resumed { client: zk::Client },
+    /// The session is gone and with it every ephemeral node of this pod.
+    Lost,
+}
+
+/// Adds a subscriber to the session events. A subscriber that joins after the registration
+/// gets `Registered` at once.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Subscribe(pub Recipient<SessionEvent>);
+
+/// Drops the session and registers again on a new one (`POST /reset`). The sub-process is left
+/// alone.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), String>")]
+pub struct ResetSession;
+
+/// Deletes the registration and closes the session, for a graceful shutdown.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CloseSession;
+
+/// Publishes a new status in the pod's registration.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct UpdateStatus(pub String);
+
+/// A state change reported by the client of one generation.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct StateChanged {
+    generation: u64,
+    state: zk::SessionState,
+}
+
+/// Where and how to connect, fixed for the life of the actor.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    /// ZooKeeper connection string, with an optional chroot.
+    pub connect: String,
+    pub session_timeout: Duration,
+}
+
+/// The session actor.
+pub struct Session {
+    config: SessionConfig,
+    /// The registration to publish; its `seq` is set once known.
+    registration: Registration,
+    /// The pod's key, fixed for the life of the process.
+    key: String,
+    /// The seq of the first registration, reused by every later one.
+    seq: Option<i64>,
+    /// Whether a `create` of the sequential node was sent and may have succeeded unseen.
+    create_sent: bool,
+    client: Option<zk::Client>,
+    /// Bumped for every new client, so that late replies of an older client are ignored.
+    generation: u64,
+    registered: bool,
+    disconnected: bool,
+    closing: bool,
+    subscribers: Vec<Recipient<SessionEvent>>,
+    telemetry: Arc<Telemetry>,
+}
+
+impl Session {
+    pub fn new(
+        config: SessionConfig,
+        key: String,
+        registration: Registration,
+        telemetry: Arc<Telemetry>,
+    ) -> Self {
+        Session {
+            config,
+            registration,
+            key,
+            seq: None,
+            create_sent: false,
+            client: None,
+            generation: 0,
+            registered: false,
+            disconnected: false,
+            closing: false,
+            subscribers: Vec::new(),
+            telemetry,
+        }
+    }
+
+    fn cluster(&self) -> String {
+        self.registration.qualified_cluster()
+    }
+
+    fn publish(&mut self, event: SessionEvent) {
+        self.subscribers.retain(|subscriber| subscriber.connected());
+        for subscriber in &self.subscribers {
+            subscriber.do_send(event.clone());
+        }
+    }
+
+    fn set_state(&self, state: SessionState) {
+        self.telemetry.update(|facts| facts.session = state);
+    }
+
+    /// Builds a new client, then registers on its session.
+    fn connect(&mut self, ctx: &mut Context<Self>) {
+        self.generation += 1;
+        self.client = None;
+        self.registered = false;
+        self.disconnected = false;
+        self.set_state(SessionState::Connecting);
+
+        let generation = self.generation;
+        let connect = self.config.connect.clone();
+        let connector = zk::Client::connector().with_session_timeout(self.config.session_timeout);
+        let attempt = async move { connector.connect(&connect).await };
+
+        ctx.spawn(attempt.into_actor(self).map(move |result, session, ctx| {
+            if generation != session.generation || session.closing {
+                return;
+            }
+            match result {
+                Ok(client) => {
+                    info!(
+                        "cluster {}: ZooKeeper session {} established with {}",
+                        session.cluster(),
+                        client.session_id(),
+                        session.config.connect
+                    );
+                    session.watch_state(client.state_watcher(), ctx);
+                    session.client = Some(client);
+                    session.set_state(SessionState::Connected);
+                    session.register(ctx);
+                }
+                Err(err) => {
+                    warn!(
+                        "cluster {}: cannot connect to ZooKeeper at {}: {err}; retrying in {:?}",
+                        session.cluster(),
+                        session.config.connect,
+                        RETRY_DELAY
+                    );
+                    ctx.run_later(RETRY_DELAY, |session, ctx| session.connect(ctx));
+                }
+            }
+        }));
+    }
+
+    /// Forwards the state changes of the current client to the actor.
+    fn watch_state(&self, mut watcher: zk::StateWatcher, ctx: &mut Context<Self>) {
+        let generation = self.generation;
+        let address = ctx.address();
+        actix::spawn(async move {
+            loop {
+                let state = watcher.changed().await;
+                if address
+                    .try_send(StateChanged { generation, state })
+                    .is_err()
+                    || state.is_terminated()
+                {
+                    break;
+                }
+            }
+        });
+    }
+
+    /// Creates the pod's node (or finds it), then tells the subscribers.
+    fn register(&mut self, ctx: &mut Context<Self>) {
+        let Some(client) = self.client.clone() else {
+            return;
+        };
+        let generation = self.generation;
+        let cluster = self.cluster();
+        let key = self.key.clone();
+        let seq = self.seq;
+        let search_first = self.create_sent;
+        self.create_sent = seq.is_none();
+        let registration = self.registration.clone();
+
+        let attempt = async move {
+            create_registration(&client, &cluster, &key, seq, search_first, registration).await
+        };
+
+        ctx.spawn(attempt.into_actor(self).map(move |result, session, ctx| {
+            if generation != session.generation || session.closing {
+                return;
+            }
+            match result {
+                Ok(seq) => {
+                    session.seq = Some(seq);
+                    session.create_sent = false;
+                    session.registered = true;
+                    session.registration.seq = seq;
+                    let registration = session.registration.clone();
+                    session
+                        .telemetry
+                        .update(|facts| facts.registration = registration);
+                    info!(
+                        "cluster {}: registered as {} (seq {seq})",
+                        session.cluster(),
+                        child_name(&session.key, seq)
+                    );
+                    if let Some(client) = session.client.clone() {
+                        session.publish(SessionEvent::Registered { client });
+                    }
+                }
+                Err(zk::Error::SessionExpired) | Err(zk::Error::ClientClosed) => {
+                    debug!(
+                        "cluster {}: registration stopped by the end of its session",
+                        session.cluster()
+                    );
+                }
+                Err(err) => {
+                    warn!(
+                        "cluster {}: cannot register in ZooKeeper: {err}; retrying in {:?}",
+                        session.cluster(),
+                        RETRY_DELAY
+                    );
+                    ctx.run_later(RETRY_DELAY, |session, ctx| session.register(ctx));
+                }
+            }
+        }));
+    }
+
+    fn handle_state(&mut self, state: zk::SessionState, ctx: &mut Context<Self>) {
+        use zk::SessionState::*;
+
+        match state {
+            Disconnected => {
+                warn!(
+                    "cluster {}: disconnected from ZooKeeper, waiting for the session to resume",
+                    self.cluster()
+                );
+                self.disconnected = true;
+                self.set_state(SessionState::Disconnected);
+                if self.registered {
+                    self.publish(SessionEvent::Suspended);
+                }
+            }
+            SyncConnected | ConnectedReadOnly => {
+                self.set_state(SessionState::Connected);
+                if self.disconnected {
+                    self.disconnected = false;
+                    info!("cluster {}: ZooKeeper session resumed", self.cluster());
+                    if let (true, Some(client)) = (self.registered, self.client.clone()) {
+                        self.publish(SessionEvent::Resumed { client });
+                    }
+                }
+            }
+            Expired | AuthFailed | Closed => {
+                if self.closing {
+                    self.set_state(SessionState::Closed);
+                    return;
+                }
+                if state == AuthFailed {
+                    error!(
+                        "cluster {}: ZooKeeper rejected the session's authentication",
+                        self.cluster()
+                    );
+                } else {
+                    warn!(
+                        "cluster {}: ZooKeeper session {state:?}, registering again",
+                        self.cluster()
+                    );
+                }
+                self.set_state(SessionState::Expired);
+                self.publish(SessionEvent::Lost);
+                self.connect(ctx);
+            }
+        }
+    }
+}
+
+impl Actor for Session {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        info!(
+            "cluster {}: connecting to ZooKeeper at {}",
+            self.cluster(),
+            self.config.connect
+        );
+        self.connect(ctx);
+    }
+}
+
+impl Handler<StateChanged> for Session {
+    type Result = ();
+
+    fn handle(&mut self, message: StateChanged, ctx: &mut Self::Context) {
+        if message.generation == self.generation {
+            self.handle_state(message.state, ctx);
+        }
+    }
+}
+
+impl Handler<Subscribe> for Session {
+    type Result = ();
+
+    fn handle(&mut self, Subscribe(subscriber): Subscribe, _: &mut Self::Context) {
+        if let (true, Some(client)) = (self.registered, self.client.clone()) {
+            subscriber.do_send(SessionEvent::Registered { client });
+        }
+        self.subscribers.push(subscriber);
+    }
+}
+
+impl Handler<ResetSession> for Session {
+    type Result = Result<(), String>;
+
+    fn handle(&mut self, _: ResetSession, ctx: &mut Self::Context) -> Self::Result {
+        if self.closing {
+            return Err("the agent is shutting down".to_string());
+        }
+        info!(
+            "cluster {}: dropping the ZooKeeper session on request, registering again",
+            self.cluster()
+        );
+        self.publish(SessionEvent::Lost);
+        self.connect(ctx);
+        Ok(())
+    }
+}
+
+impl Handler<UpdateStatus> for Session {
+    type Result = ();
+
+    fn handle(&mut self, UpdateStatus(status): UpdateStatus, ctx: &mut Self::Context) {
+        if self.registration.status == status {
+            return;
+        }
+        self.registration.status = status;
+        let (Some(client), Some(seq), true) = (self.client.clone(), self.seq, self.registered)
+        else {
+            return;
+        };
+        let path = format!(
+            "{}/{}",
+            layout::pods(&self.cluster()),
+            child_name(&self.key, seq)
+        );
+        let data =
+            serde_json::to_vec(&self.registration).expect("a registration always serializes");
+        let cluster = self.cluster();
+        ctx.spawn(
+            async move {
+                if let Err(err) = client.set_data(&path, &data, None).await {
+                    warn!("cluster {cluster}: cannot publish the pod status in {path}: {err}");
+                }
+            }
+            .into_actor(self),
+        );
+    }
+}
+
+impl Handler<CloseSession> for Session {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _: CloseSession, _: &mut Self::Context) -> Self::Result {
+        self.closing = true;
+        self.generation += 1;
+        let client = self.client.take();
+        let node = self.seq.map(|seq| {
+            format!(
+                "{}/{}",
+                layout::pods(&self.cluster()),
+                child_name(&self.key, seq)
+            )
+        });
+        let cluster = self.cluster();
+        self.publish(SessionEvent::Lost);
+
+        Box::pin(
+            async move {
+                let (Some(client), Some(node)) = (client, node) else {
+                    return;
+                };
+                // Deleting the node makes the pod vanish at once for the leader, whatever the
+                // other clones of the client still do; dropping the last clone closes the session.
+                match tokio::time::timeout(CLOSE_TIMEOUT, client.delete(&node, None)).await {
+                    Ok(Ok(())) | Ok(Err(zk::Error::NoNode)) => {
+                        info!("cluster {cluster}: registration {node} deleted")
+                    }
+                    Ok(Err(err)) => {
+                        warn!("cluster {cluster}: cannot delete registration {node}: {err}")
+                    }
+                    Err(_) => warn!("cluster {cluster}: deleting registration {node} timed out"),
+                }
+            }
+            .into_actor(self)
+            .map(|_, session, _| session.set_state(SessionState::Closed)),
+        )
+    }
+}
+
+/// Creates the registration node of the pod and returns its seq.
+///
+/// `search_first` is set when an earlier sequential `create` may have succeeded without its
+/// reply reaching us: the pod's node is then looked up by key before creating another one.
+async fn create_registration(
+    client: &zk::Client,
+    cluster: &str,
+    key: &str,
+    seq: Option<i64>,
+    search_first: bool,
+    mut registration: Registration,
+) -> Result<i64, zk::Error> {
+    let pods = layout::pods(cluster);
+    let directory = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+    client.mkdir(&pods, &directory).await?;
+    client
+        .mkdir(&layout::coordinator(cluster), &directory)
+        .await?;
+
+    let ephemeral = zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all());
+    let seq = match seq {
+        Some(seq) => seq,
+        None => {
+            let found = if search_first {
+                find_by_key(client, &pods, key).await?
+            } else {
+                None
+            };
+            match found {
+                Some(seq) => seq,
+                None => {
+                    let sequential =
+                        zk::CreateMode::EphemeralSequential.with_acls(zk::Acls::anyone_all());
+                    let data = serde_json::to_vec(&registration)
+                        .expect("a registration always serializes");
+                    let (_, sequence) = client
+                        .create(&format!("{pods}/{key}."), &data, &sequential)
+                        .await?;
+                    sequence.into_i64()
+                }
+            }
+        }
+    };
+
+    registration.seq = seq;
+    let path = format!("{pods}/{}", child_name(key, seq));
+    let data = serde_json::to_vec(&registration).expect("a registration always serializes");
+    match client.create(&path, &data, &ephemeral).await {
+        Ok(_) => {}
+        Err(zk::Error::NodeExists) => {
+            // Our own node (created by the sequential create above, or by an earlier attempt on
+            // this session): write the full registration, with its seq, into it.
+            let stat = client.check_stat(&path).await?;
+            let owner = stat.map(|stat| stat.ephemeral_owner).unwrap_or_default();
+            if owner != client.session_id().0 {
+                // Left by an earlier session of this process that the server has not expired
+                // yet: replace it so that it vanishes with our current session.
+                warn!("cluster {cluster}: replacing {path}, still held by an older session {owner:#x}");
+                client.delete(&path, None).await.or_else(ignore_no_node)?;
+                client.create(&path, &data, &ephemeral).await?;
+            } else {
+                client.set_data(&path, &data, None).await?;
+            }
+        }
+        Err(err) => return Err(err),
+    }
+    Ok(seq)
+}
+
+/// Finds the seq of the pod's node among the children of `pods`.
+async fn find_by_key(client: &zk::Client, pods: &str, key: &str) -> Result<Option<i64>, zk::Error> {
+    let children = client.list_children(pods).await?;
+    Ok(children
+        .iter()
+        .filter_map(|child| parse_child_name(child))
+        .find(|(owner, _)| *owner == key)
+        .map(|(_, seq)| seq))
+}
+
+fn ignore_no_node(err: zk::Error) -> Result<(), zk::Error> {
+    match err {
+        zk::Error::NoNode => Ok(()),
+        err => Err(err),
+    }
+}
