@@ -1,0 +1,511 @@
+//! The control server: the pod's HTTP API, used by the leader, by operators and by platform
+//! probes.
+//!
+//! | request | effect |
+//! | --- | --- |
+//! | `GET`/`POST /info` | runtime facts of the pod |
+//! | `GET`/`POST /log` | the last 32 KiB of the pod log, as a JSON array of lines |
+//! | `POST /reset` | drops the ZooKeeper session and registers again |
+//! | `POST /control/<verb>[/<timeout s>]` | queues a control request to the lifecycle |
+//! | `GET /health` | 200 while the pod is not dead, 503 once it is |
+//! | `GET /metrics` | Prometheus text format |
+//!
+//! Every reply but `/metrics` is JSON, and every error is `{"error": "..."}`, including 404,
+//! 405 and 413. The server only reads shared facts (`Telemetry`) and forwards requests to the
+//! lifecycle and session actors, so it keeps no pod state of its own besides request counters.
+//! It runs one worker thread: the work behind each request happens in the actors.
+
+mod client;
+mod metrics;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_web::dev::{ServerHandle, Service};
+use actix_web::http::header::{HeaderMap, CONTENT_LENGTH};
+use actix_web::http::StatusCode;
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer, ResponseError};
+use futures::StreamExt;
+use log::{debug, error, info, warn};
+use serde_json::json;
+
+use crate::lifecycle::{Control, Verb};
+use crate::registration::AGENT_VERSION;
+use crate::session::ResetSession;
+use crate::settings::{Settings, MAX_SECONDS};
+use crate::telemetry::{ProcessState, Telemetry};
+
+pub use client::{request, send, SendError};
+
+/// Largest request body accepted; larger ones get 413.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// Timeout of a control request whose path names none.
+pub const DEFAULT_CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Header carrying the epoch of the leader that sends a control request.
+pub const EPOCH_HEADER: &str = "X-Ochopod-Epoch";
+
+/// Pending connections the listening socket queues; the callers are one leader and a few
+/// operators, so a small queue is enough.
+const BACKLOG: u32 = 64;
+
+/// Seconds a stopping server waits for requests in flight.
+const SHUTDOWN_TIMEOUT_SECONDS: u64 = 1;
+
+/// Inputs of the control server: the listen address, the facts to publish and the actors that
+/// requests go to.
+pub struct ControlServer {
+    /// Address to listen on; port 0 picks a free port.
+    pub address: SocketAddr,
+    pub telemetry: Arc<Telemetry>,
+    /// The lifecycle actor, which runs control requests one at a time.
+    pub lifecycle: Recipient<Control>,
+    /// The ZooKeeper session actor, which handles `/reset`.
+    pub session: Recipient<ResetSession>,
+    /// Static facts for `/info` before the pod is registered.
+    pub settings: Arc<Settings>,
+}
+
+/// A control server running in the current actix `System`.
+pub struct RunningControlServer {
+    /// The address the server listens on (with the port picked when port 0 was asked for).
+    pub address: SocketAddr,
+    /// Stops the server: `handle.stop(true)` finishes the requests in flight first.
+    pub handle: ServerHandle,
+}
+
+/// Binds `server.address` and serves the API on it from a task spawned in the current actix
+/// `System`. Fails when the address cannot be bound.
+pub fn start_control_server(server: ControlServer) -> io::Result<RunningControlServer> {
+    let cluster = server.settings.qualified_cluster();
+    let state = web::Data::new(State {
+        telemetry: server.telemetry,
+        lifecycle: server.lifecycle,
+        session: server.session,
+        settings: server.settings,
+        responses: Mutex::new(BTreeMap::new()),
+    });
+
+    let http = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .wrap_fn(|request, service| {
+                let state = request.app_data::<web::Data<State>>().cloned();
+                let method = request.method().clone();
+                let path = request.path().to_string();
+                let response = service.call(request);
+                async move {
+                    let response = response.await?;
+                    debug!(
+                        "control server: {method} {path} -> {}",
+                        response.status().as_u16()
+                    );
+                    if let Some(state) = state {
+                        state.count_response(response.status());
+                    }
+                    Ok(response)
+                }
+            })
+            .service(
+                web::resource("/info")
+                    .route(web::get().to(info))
+                    .route(web::post().to(info))
+                    .default_service(web::to(method_not_allowed)),
+            )
+            .service(
+                web::resource("/log")
+                    .route(web::get().to(log_lines))
+                    .route(web::post().to(log_lines))
+                    .default_service(web::to(method_not_allowed)),
+            )
+            .service(
+                web::resource("/reset")
+                    .route(web::post().to(reset))
+                    .default_service(web::to(method_not_allowed)),
+            )
+            .service(
+                web::resource(["/control/{verb}", "/control/{verb}/{timeout}"])
+                    .route(web::post().to(control))
+                    .default_service(web::to(method_not_allowed)),
+            )
+            .service(
+                web::resource("/health")
+                    .route(web::get().to(health))
+                    .default_service(web::to(method_not_allowed)),
+            )
+            .service(
+                web::resource("/metrics")
+                    .route(web::get().to(metrics))
+                    .default_service(web::to(method_not_allowed)),
+            )
+            .default_service(web::to(not_found))
+    })
+    .workers(1)
+    .backlog(BACKLOG)
+    .disable_signals()
+    .shutdown_timeout(SHUTDOWN_TIMEOUT_SECONDS)
+    .bind(server.address)?;
+
+    let address = http.addrs().first().copied().unwrap_or(server.address);
+    let running = http.run();
+    let handle = running.handle();
+    actix::spawn(async move {
+        if let Err(error) = running.await {
+            error!("cluster {cluster}: control server on {address} stopped: {error}");
+        }
+    });
+    info!("control server listening on {address}");
+    Ok(RunningControlServer { address, handle })
+}
+
+/// State shared by every handler.
+struct State {
+    telemetry: Arc<Telemetry>,
+    lifecycle: Recipient<Control>,
+    session: Recipient<ResetSession>,
+    settings: Arc<Settings>,
+    /// Replies sent, by status code, for `/metrics`.
+    responses: Mutex<BTreeMap<u16, u64>>,
+}
+
+impl State {
+    fn count_response(&self, status: StatusCode) {
+        let mut responses = self
+            .responses
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *responses.entry(status.as_u16()).or_default() += 1;
+    }
+}
+
+/// An error reply: `{"error": message}` with `status`.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    fn too_large() -> Self {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body larger than {MAX_BODY_BYTES} bytes; send at most 1 MiB"),
+        )
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(&self.message)
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        HttpResponse::build(self.status).json(json!({ "error": self.message }))
+    }
+}
+
+async fn not_found(request: HttpRequest) -> HttpResponse {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no such endpoint: {} {}", request.method(), request.path()),
+    )
+    .error_response()
+}
+
+async fn method_not_allowed(request: HttpRequest) -> HttpResponse {
+    let allowed = match request.path() {
+        "/info" | "/log" => "GET or POST",
+        "/health" | "/metrics" => "GET",
+        _ => "POST",
+    };
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!(
+            "method {} not allowed on {}; use {allowed}",
+            request.method(),
+            request.path()
+        ),
+    )
+    .error_response()
+}
+
+/// Reads the request body, rejecting more than `MAX_BODY_BYTES` (413) before buffering it
+/// when the length is announced.
+async fn read_body(headers: &HeaderMap, mut payload: web::Payload) -> Result<web::Bytes, ApiError> {
+    let announced = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse::<usize>().ok());
+    if announced.is_some_and(|length| length > MAX_BODY_BYTES) {
+        return Err(ApiError::too_large());
+    }
+
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|error| {
+            ApiError::bad_request(format!("cannot read the request body: {error}"))
+        })?;
+        if body.len() + chunk.len() > MAX_BODY_BYTES {
+            return Err(ApiError::too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+async fn info(
+    request: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<State>,
+) -> Result<HttpResponse, ApiError> {
+    read_body(request.headers(), payload).await?;
+    Ok(HttpResponse::Ok().json(info_document(&state.telemetry, &state.settings)))
+}
+
+/// Builds the `/info` document from the shared facts, falling back on the settings for what
+/// the registration does not hold yet.
+fn info_document(telemetry: &Telemetry, settings: &Settings) -> serde_json::Value {
+    let facts = telemetry.facts();
+    let registration = &facts.registration;
+    let or_setting = |registered: &str, setting: &str| {
+        if registered.is_empty() {
+            setting.to_string()
+        } else {
+            registered.to_string()
+        }
+    };
+    let dependencies = if facts.dependencies.is_empty() {
+        &settings.depends_on
+    } else {
+        &facts.dependencies
+    };
+    let metrics = if facts.metrics.is_null() {
+        json!({})
+    } else {
+        facts.metrics.clone()
+    };
+
+    json!({
+        "application": registration.application,
+        "task": registration.task,
+        "node": registration.node,
+        "ip": registration.ip,
+        "public": registration.public,
+        "port": or_setting(&registration.port, &settings.port.to_string()),
+        "ports": registration.ports,
+        "seq": registration.seq,
+        "namespace": or_setting(&registration.namespace, &settings.namespace),
+        "cluster": or_setting(&registration.cluster, &settings.cluster),
+        "binding": or_setting(&registration.binding, &settings.binding),
+        "zk": registration.zk,
+        "dependencies": dependencies,
+        "process": facts.process,
+        "state": facts.role.as_str(),
+        "status": registration.status,
+        "metrics": metrics,
+        "uptime": telemetry.uptime(),
+        "restarts": facts.restarts,
+        "pid": facts.pid,
+        "epoch": facts.epoch,
+        "session": facts.session.as_str(),
+        "version": AGENT_VERSION,
+    })
+}
+
+async fn log_lines(request: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+    read_body(request.headers(), payload).await?;
+    Ok(HttpResponse::Ok().json(crate::logging::recent_lines()))
+}
+
+async fn reset(
+    request: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<State>,
+) -> Result<HttpResponse, ApiError> {
+    read_body(request.headers(), payload).await?;
+    let cluster = state.settings.qualified_cluster();
+    match state.session.send(ResetSession).await {
+        Ok(Ok(())) => {
+            info!("cluster {cluster}: session reset requested over HTTP");
+            Ok(HttpResponse::Ok().json(json!({})))
+        }
+        Ok(Err(reason)) => {
+            warn!("cluster {cluster}: session reset requested over HTTP failed: {reason}");
+            Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("reset failed: {reason}"),
+            ))
+        }
+        Err(error) => {
+            error!("cluster {cluster}: session reset not delivered: session actor unreachable ({error})");
+            Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("reset failed: the ZooKeeper session actor is not running ({error})"),
+            ))
+        }
+    }
+}
+
+async fn control(
+    request: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<State>,
+) -> Result<HttpResponse, ApiError> {
+    let outcome = run_control(&request, payload, &state).await;
+    let counter = if outcome.is_ok() {
+        &state.telemetry.requests_ok
+    } else {
+        &state.telemetry.requests_failed
+    };
+    Telemetry::count(counter);
+    outcome
+}
+
+async fn run_control(
+    request: &HttpRequest,
+    payload: web::Payload,
+    state: &State,
+) -> Result<HttpResponse, ApiError> {
+    let verb_text = request.match_info().get("verb").unwrap_or_default();
+    let verb = Verb::parse(verb_text).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "unknown verb `{verb_text}`; use check, on, off, ok, kill or signal"
+        ))
+    })?;
+    let timeout = parse_timeout(request.match_info().get("timeout"))?;
+    let epoch = parse_epoch(request.headers())?;
+    let body = read_body(request.headers(), payload).await?;
+    let body: serde_json::Value = if body.iter().all(u8::is_ascii_whitespace) {
+        json!({})
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|error| ApiError::bad_request(format!("invalid JSON body: {error}")))?
+    };
+
+    let cluster = state.settings.qualified_cluster();
+    let started = Instant::now();
+    let message = Control {
+        verb,
+        body,
+        epoch,
+        deadline: started + timeout,
+    };
+    let reply = tokio::time::timeout(timeout, state.lifecycle.send(message)).await;
+    let elapsed = started.elapsed().as_millis();
+
+    match reply {
+        Ok(Ok(Ok(value))) => {
+            info!(
+                "cluster {cluster}: control {} done in {elapsed} ms",
+                verb.as_str()
+            );
+            let value = if value.is_null() { json!({}) } else { value };
+            Ok(HttpResponse::Ok().json(value))
+        }
+        Ok(Ok(Err(failure))) => {
+            let status = StatusCode::from_u16(failure.http_status())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            warn!(
+                "cluster {cluster}: control {} failed with {} after {elapsed} ms: {failure}",
+                verb.as_str(),
+                status.as_u16()
+            );
+            Err(ApiError::new(status, failure.to_string()))
+        }
+        Ok(Err(error)) => {
+            error!("cluster {cluster}: control {} not delivered: lifecycle actor unreachable ({error})", verb.as_str());
+            Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the lifecycle actor is not running ({error})"),
+            ))
+        }
+        Err(_) => {
+            warn!(
+                "cluster {cluster}: control {} not done within {timeout:?}",
+                verb.as_str()
+            );
+            Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "control {} not done within {} s",
+                    verb.as_str(),
+                    timeout.as_secs_f64()
+                ),
+            ))
+        }
+    }
+}
+
+/// Parses the optional timeout segment of `/control/<verb>/<timeout>`, in seconds.
+fn parse_timeout(segment: Option<&str>) -> Result<Duration, ApiError> {
+    let Some(text) = segment else {
+        return Ok(DEFAULT_CONTROL_TIMEOUT);
+    };
+    match text.parse::<f64>() {
+        Ok(seconds) if seconds.is_finite() && seconds > 0.0 && seconds <= MAX_SECONDS => Ok(Duration::from_secs_f64(seconds)),
+        _ => Err(ApiError::bad_request(format!(
+            "invalid timeout `{text}`: expected a number of seconds above 0 and at most {MAX_SECONDS}"
+        ))),
+    }
+}
+
+/// Parses the `X-Ochopod-Epoch` header; absent means the request does not come from a leader.
+fn parse_epoch(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
+    let Some(value) = headers.get(EPOCH_HEADER) else {
+        return Ok(None);
+    };
+    let text = String::from_utf8_lossy(value.as_bytes());
+    text.trim().parse::<i64>().map(Some).map_err(|_| {
+        ApiError::bad_request(format!(
+            "invalid {EPOCH_HEADER} header `{text}`: expected an integer"
+        ))
+    })
+}
+
+async fn health(state: web::Data<State>) -> Result<HttpResponse, ApiError> {
+    let facts = state.telemetry.facts();
+    if facts.process == ProcessState::Dead {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the pod is dead",
+        ));
+    }
+    Ok(HttpResponse::Ok()
+        .json(json!({ "ok": true, "process": facts.process, "session": facts.session.as_str() })))
+}
+
+async fn metrics(state: web::Data<State>) -> HttpResponse {
+    let responses = state
+        .responses
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone();
+    let text = metrics::render(&state.telemetry, &responses);
+    HttpResponse::Ok()
+        .content_type(metrics::CONTENT_TYPE)
+        .body(text)
+}

@@ -1,0 +1,755 @@
+//! The leader actor: while this pod holds the cluster's lock, it watches the cluster and its
+//! dependencies and drives configuration rounds over every pod.
+//!
+//! Reactive model: nothing polls. A ZooKeeper watch on `pods/` and on each dependency's
+//! `snapshot` (plus the cluster list when a dependency has wildcards) wakes the actor; it
+//! computes the hash of (pods, dependency snapshots) and compares it with the stored `hash`.
+//! Equal means nothing to do. Different means a round is pending; it starts when the damper
+//! expires, unless the hash came back to the stored value first. Changes that arrive during a
+//! round are coalesced into one next round.
+//!
+//! A round: `check` every pod, drop the pods that answer 410 (dead), abort on any other
+//! failure; with `full_shutdown` turn every pod `off`; `on` every pod; `ok` every pod; then
+//! write `snapshot` and `hash`. Every request carries the leader's epoch for fencing.
+//!
+//! Registrations are cached by child name: a watch event reads only the children not seen
+//! before, so a growing cluster costs one read per new pod, not one per pod per change.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use futures::stream::{self, StreamExt};
+use log::{debug, error, info, warn};
+use zookeeper_client as zk;
+
+use crate::cluster::{Cluster, Pods};
+use crate::control;
+use crate::election::LeadershipEvent;
+use crate::layout;
+use crate::lifecycle::Verb;
+use crate::plan::{self, Dependency};
+use crate::registration::Registration;
+use crate::session::UpdateStatus;
+use crate::steps::Model;
+use crate::telemetry::{Role, Telemetry};
+
+/// Shortest wait before a failed round is tried again, so a damper of 0 does not spin.
+const MIN_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// Delay before a failed ZooKeeper read of the leader is tried again.
+const READ_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// Control requests in flight at once during a parallel round.
+const FAN_OUT: usize = 64;
+
+/// A `pods/` child and the result of reading its data.
+type FetchedChild = (String, Result<(Vec<u8>, zk::Stat), zk::Error>);
+
+/// The leader's settings, fixed for the life of the actor.
+#[derive(Clone, Debug)]
+pub struct LeaderConfig {
+    /// The cluster, `<namespace>.<cluster>`.
+    pub cluster: String,
+    pub namespace: String,
+    pub depends_on: Vec<String>,
+    pub damper: Duration,
+    pub full_shutdown: bool,
+    pub sequential: bool,
+    pub control_timeout: Duration,
+    pub probe_every: Duration,
+}
+
+/// The leader actor.
+pub struct Leader {
+    config: LeaderConfig,
+    dependencies: Vec<Dependency>,
+    model: Arc<dyn Model>,
+    telemetry: Arc<Telemetry>,
+    session: Recipient<UpdateStatus>,
+    http: Option<awc::Client>,
+
+    client: Option<zk::Client>,
+    epoch: i64,
+    /// Elected and connected: the only state in which rounds run.
+    active: bool,
+    /// Bumped on every election event, so that stale watches and replies are ignored.
+    generation: u64,
+
+    /// Registrations by `pods/` child name; `None` for a child whose data is not a registration.
+    children: BTreeMap<String, Option<Registration>>,
+    /// Snapshot of each dependency cluster, by its name in the view.
+    snapshots: BTreeMap<String, Pods>,
+    /// Hash stored in ZooKeeper at the last configuration.
+    stored_hash: Option<String>,
+    /// Whether the stored hash was read for the current lead.
+    hash_known: bool,
+    /// Whether `pods/` was listed for the current lead.
+    pods_known: bool,
+    /// Whether the dependencies were read for the current lead.
+    dependencies_known: bool,
+
+    pending: Option<SpawnHandle>,
+    round: Option<SpawnHandle>,
+    /// A change arrived during the round: evaluate again when it ends.
+    dirty: bool,
+    /// The view of the last successful round, for the probe.
+    last_view: Option<Cluster>,
+}
+
+impl Leader {
+    pub fn new(
+        config: LeaderConfig,
+        model: Arc<dyn Model>,
+        telemetry: Arc<Telemetry>,
+        session: Recipient<UpdateStatus>,
+    ) -> Self {
+        let dependencies = config
+            .depends_on
+            .iter()
+            .map(|spec| Dependency::parse(spec, &config.namespace))
+            .collect();
+        Leader {
+            config,
+            dependencies,
+            model,
+            telemetry,
+            session,
+            http: None,
+            client: None,
+            epoch: 0,
+            active: false,
+            generation: 0,
+            children: BTreeMap::new(),
+            snapshots: BTreeMap::new(),
+            stored_hash: None,
+            hash_known: false,
+            pods_known: false,
+            dependencies_known: false,
+            pending: None,
+            round: None,
+            dirty: false,
+            last_view: None,
+        }
+    }
+
+    fn set_role(&self, role: Role) {
+        self.telemetry.update(|facts| facts.role = role);
+    }
+
+    /// Stops every timer, watch and round of the current lead.
+    fn stand_down(&mut self, ctx: &mut Context<Self>) {
+        self.active = false;
+        self.generation += 1;
+        if let Some(handle) = self.pending.take() {
+            ctx.cancel_future(handle);
+        }
+        if let Some(handle) = self.round.take() {
+            ctx.cancel_future(handle);
+            warn!(
+                "cluster {}: configuration round abandoned",
+                self.config.cluster
+            );
+        }
+        self.dirty = false;
+    }
+
+    /// Arms every watch and reads the whole state anew: after an election or a resumed session.
+    fn take_charge(&mut self, ctx: &mut Context<Self>) {
+        self.active = true;
+        self.hash_known = false;
+        self.pods_known = false;
+        self.dependencies_known = self.dependencies.is_empty();
+        self.read_hash(ctx);
+        self.watch_pods(ctx);
+        self.watch_dependencies(ctx);
+    }
+
+    fn read_hash(&mut self, ctx: &mut Context<Self>) {
+        let Some(client) = self.client.clone() else {
+            return;
+        };
+        let generation = self.generation;
+        let path = layout::hash(&self.config.cluster);
+        let read = async move { client.get_data(&path).await };
+
+        ctx.spawn(read.into_actor(self).map(move |result, leader, ctx| {
+            if generation != leader.generation {
+                return;
+            }
+            match result {
+                Ok((data, _)) => {
+                    let hash = String::from_utf8_lossy(&data).trim().to_string();
+                    leader.stored_hash = (!hash.is_empty()).then_some(hash);
+                }
+                Err(zk::Error::NoNode) => leader.stored_hash = None,
+                Err(err) => {
+                    warn!(
+                        "cluster {}: cannot read the stored hash: {err}",
+                        leader.config.cluster
+                    );
+                    ctx.run_later(READ_RETRY_DELAY, move |leader, ctx| {
+                        if generation == leader.generation {
+                            leader.read_hash(ctx);
+                        }
+                    });
+                    return;
+                }
+            }
+            leader.hash_known = true;
+            leader.evaluate(ctx);
+        }));
+    }
+
+    /// Lists `pods/` with a watch, reads the new children, and evaluates.
+    fn watch_pods(&mut self, ctx: &mut Context<Self>) {
+        let Some(client) = self.client.clone() else {
+            return;
+        };
+        let generation = self.generation;
+        let directory = layout::pods(&self.config.cluster);
+        let known: BTreeSet<String> = self.children.keys().cloned().collect();
+
+        let read = async move {
+            let (children, watcher) = client.list_and_watch_children(&directory).await?;
+            let new: Vec<String> = children
+                .iter()
+                .filter(|child| !known.contains(*child))
+                .cloned()
+                .collect();
+            let reads = new.into_iter().map(|child| {
+                let client = client.clone();
+                let path = format!("{directory}/{child}");
+                async move { (child, client.get_data(&path).await) }
+            });
+            let fetched: Vec<_> = stream::iter(reads)
+                .buffer_unordered(FAN_OUT)
+                .collect()
+                .await;
+            Ok::<_, zk::Error>((children, fetched, watcher))
+        };
+
+        ctx.spawn(read.into_actor(self).map(move |result, leader, ctx| {
+            if generation != leader.generation {
+                return;
+            }
+            match result {
+                Ok((children, fetched, watcher)) => {
+                    leader.merge_children(children, fetched);
+                    leader.pods_known = true;
+                    leader.on_change(watcher, ctx, Self::watch_pods);
+                    leader.evaluate(ctx);
+                }
+                Err(err) => {
+                    warn!(
+                        "cluster {}: cannot list the pods: {err}",
+                        leader.config.cluster
+                    );
+                    ctx.run_later(READ_RETRY_DELAY, move |leader, ctx| {
+                        if generation == leader.generation {
+                            leader.watch_pods(ctx);
+                        }
+                    });
+                }
+            }
+        }));
+    }
+
+    fn merge_children(&mut self, children: Vec<String>, fetched: Vec<FetchedChild>) {
+        let present: BTreeSet<String> = children.into_iter().collect();
+        self.children.retain(|child, _| present.contains(child));
+
+        for (child, result) in fetched {
+            match result {
+                Ok((data, _)) => match serde_json::from_slice::<Registration>(&data) {
+                    Ok(registration) => {
+                        self.children.insert(child, Some(registration));
+                    }
+                    Err(err) => {
+                        warn!(
+                            "cluster {}: skipping pods/{child}: not a registration ({err})",
+                            self.config.cluster
+                        );
+                        self.children.insert(child, None);
+                    }
+                },
+                // Gone between the listing and the read: the next watch event drops it.
+                Err(zk::Error::NoNode) => {}
+                Err(err) => warn!(
+                    "cluster {}: cannot read pods/{child}: {err}",
+                    self.config.cluster
+                ),
+            }
+        }
+    }
+
+    /// Re-runs `rearm` when `watcher` fires, unless the lead changed in between.
+    fn on_change(
+        &mut self,
+        watcher: zk::OneshotWatcher,
+        ctx: &mut Context<Self>,
+        rearm: fn(&mut Self, &mut Context<Self>),
+    ) {
+        let generation = self.generation;
+        ctx.spawn(
+            watcher
+                .changed()
+                .into_actor(self)
+                .map(move |event, leader, ctx| {
+                    if generation != leader.generation || event.event_type == zk::EventType::Session
+                    {
+                        return;
+                    }
+                    debug!(
+                        "cluster {}: {:?} on {}",
+                        leader.config.cluster, event.event_type, event.path
+                    );
+                    rearm(leader, ctx);
+                }),
+        );
+    }
+
+    /// Resolves the dependencies, reads their snapshots with watches, and evaluates.
+    fn watch_dependencies(&mut self, ctx: &mut Context<Self>) {
+        if self.dependencies.is_empty() {
+            return;
+        }
+        let Some(client) = self.client.clone() else {
+            return;
+        };
+        let generation = self.generation;
+        let dependencies = self.dependencies.clone();
+        let namespace = self.config.namespace.clone();
+        let own = self.config.cluster.clone();
+
+        let read = async move {
+            let mut watchers = Vec::new();
+            let mut clusters = Vec::new();
+            if dependencies.iter().any(|dependency| dependency.wildcard) {
+                match client.list_and_watch_children(layout::CLUSTERS).await {
+                    Ok((children, watcher)) => {
+                        clusters = children;
+                        watchers.push(watcher);
+                    }
+                    Err(zk::Error::NoNode) => {
+                        let (_, watcher) = client.check_and_watch_stat(layout::CLUSTERS).await?;
+                        watchers.push(watcher);
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
+
+            let mut snapshots = BTreeMap::new();
+            let resolved: BTreeSet<String> = dependencies
+                .iter()
+                .flat_map(|dependency| dependency.resolve(&clusters))
+                .filter(|name| *name != own)
+                .collect();
+            for qualified in resolved {
+                let path = layout::snapshot(&qualified);
+                let name = plan::dependency_name(&qualified, &namespace);
+                match client.get_and_watch_data(&path).await {
+                    Ok((data, _, watcher)) => {
+                        watchers.push(watcher);
+                        match serde_json::from_slice::<Pods>(&data) {
+                            Ok(pods) => {
+                                snapshots.insert(name, pods);
+                            }
+                            Err(err) => warn!("dependency {qualified}: snapshot is not valid JSON ({err}), ignoring it"),
+                        }
+                    }
+                    Err(zk::Error::NoNode) => {
+                        // Not configured yet: watch for its snapshot to appear.
+                        let (stat, watcher) = client.check_and_watch_stat(&path).await?;
+                        watchers.push(watcher);
+                        if stat.is_some() {
+                            // Created between the two requests: the watch fires on the next
+                            // change, so read again at once.
+                            return Err(zk::Error::NoNode);
+                        }
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
+            Ok((snapshots, watchers))
+        };
+
+        ctx.spawn(read.into_actor(self).map(move |result, leader, ctx| {
+            if generation != leader.generation {
+                return;
+            }
+            match result {
+                Ok((snapshots, watchers)) => {
+                    leader.snapshots = snapshots;
+                    leader.dependencies_known = true;
+                    leader.watch_any(watchers, ctx);
+                    leader.evaluate(ctx);
+                }
+                Err(err) => {
+                    warn!(
+                        "cluster {}: cannot read the dependencies: {err}",
+                        leader.config.cluster
+                    );
+                    ctx.run_later(READ_RETRY_DELAY, move |leader, ctx| {
+                        if generation == leader.generation {
+                            leader.watch_dependencies(ctx);
+                        }
+                    });
+                }
+            }
+        }));
+    }
+
+    /// Re-reads the dependencies when the first of `watchers` fires.
+    fn watch_any(&mut self, watchers: Vec<zk::OneshotWatcher>, ctx: &mut Context<Self>) {
+        if watchers.is_empty() {
+            return;
+        }
+        let generation = self.generation;
+        let first = futures::future::select_all(
+            watchers
+                .into_iter()
+                .map(|watcher| Box::pin(watcher.changed())),
+        );
+        ctx.spawn(
+            first
+                .into_actor(self)
+                .map(move |(event, _, _), leader, ctx| {
+                    if generation != leader.generation || event.event_type == zk::EventType::Session
+                    {
+                        return;
+                    }
+                    debug!(
+                        "cluster {}: dependency {:?} on {}",
+                        leader.config.cluster, event.event_type, event.path
+                    );
+                    leader.watch_dependencies(ctx);
+                }),
+        );
+    }
+
+    fn current_pods(&self) -> Pods {
+        let registered: BTreeMap<String, Registration> = self
+            .children
+            .iter()
+            .filter_map(|(child, registration)| {
+                registration
+                    .clone()
+                    .map(|registration| (child.clone(), registration))
+            })
+            .collect();
+        plan::pods_by_key(&registered)
+    }
+
+    /// Compares the current state with the stored hash and schedules a round when they differ.
+    fn evaluate(&mut self, ctx: &mut Context<Self>) {
+        // Judge only a complete picture: a partial one would look like a change.
+        if !self.active || !self.hash_known || !self.pods_known || !self.dependencies_known {
+            return;
+        }
+        if self.round.is_some() {
+            self.dirty = true;
+            return;
+        }
+        let hash = plan::state_hash(&self.current_pods(), &self.snapshots);
+        if self.stored_hash.as_deref() == Some(hash.as_str()) {
+            if let Some(handle) = self.pending.take() {
+                ctx.cancel_future(handle);
+                info!(
+                    "cluster {}: change reverted within the damper, no configuration",
+                    self.config.cluster
+                );
+            }
+            self.set_role(Role::Leader);
+            return;
+        }
+        if self.pending.is_some() {
+            return;
+        }
+        info!(
+            "cluster {}: change detected, configuring in {:.1} s",
+            self.config.cluster,
+            self.config.damper.as_secs_f64()
+        );
+        self.set_role(Role::LeaderPending);
+        self.pending = Some(ctx.run_later(self.config.damper, |leader, ctx| {
+            leader.pending = None;
+            leader.start_round(ctx);
+        }));
+    }
+
+    fn start_round(&mut self, ctx: &mut Context<Self>) {
+        if !self.active {
+            return;
+        }
+        let pods = self.current_pods();
+        let dependencies = self.snapshots.clone();
+        let hash = plan::state_hash(&pods, &dependencies);
+        if self.stored_hash.as_deref() == Some(hash.as_str()) {
+            self.set_role(Role::Leader);
+            return;
+        }
+        let (Some(client), Some(http)) = (self.client.clone(), self.http.clone()) else {
+            return;
+        };
+
+        self.set_role(Role::LeaderConfiguring);
+        info!(
+            "cluster {}: configuration round starting over {} pods",
+            self.config.cluster,
+            pods.len()
+        );
+        let started = Instant::now();
+        let generation = self.generation;
+        let round = Round {
+            http,
+            epoch: self.epoch,
+            config: self.config.clone(),
+            dependencies,
+        };
+        let cluster = self.config.cluster.clone();
+
+        let work = async move {
+            let configured = round.run(pods).await?;
+            write_outcome(&client, &cluster, &configured, &hash)
+                .await
+                .map_err(|err| format!("cannot write the snapshot and hash: {err}"))?;
+            Ok::<_, String>((configured, hash))
+        };
+
+        self.round = Some(ctx.spawn(work.into_actor(self).map(move |result, leader, ctx| {
+            if generation != leader.generation {
+                return;
+            }
+            leader.round = None;
+            let elapsed = started.elapsed();
+            match result {
+                Ok((configured, hash)) => {
+                    Telemetry::count(&leader.telemetry.rounds);
+                    info!(
+                        "cluster {}: configuration round done over {} pods in {} ms",
+                        leader.config.cluster,
+                        configured.len(),
+                        elapsed.as_millis()
+                    );
+                    leader.stored_hash = Some(hash);
+                    leader.last_view = Some(plan::view_for("", &configured, &leader.snapshots));
+                    leader.set_role(Role::Leader);
+                    leader.dirty = false;
+                    leader.evaluate(ctx);
+                }
+                Err(reason) => {
+                    Telemetry::count(&leader.telemetry.failed_rounds);
+                    let delay = leader.config.damper.max(MIN_RETRY_DELAY);
+                    error!(
+                        "cluster {}: configuration round failed after {} ms: {reason}; retrying in {:.1} s",
+                        leader.config.cluster,
+                        elapsed.as_millis(),
+                        delay.as_secs_f64()
+                    );
+                    leader.set_role(Role::LeaderPending);
+                    leader.dirty = false;
+                    leader.pending = Some(ctx.run_later(delay, |leader, ctx| {
+                        leader.pending = None;
+                        leader.start_round(ctx);
+                    }));
+                }
+            }
+        })));
+    }
+
+    fn probe(&mut self, ctx: &mut Context<Self>) {
+        if !self.active || self.round.is_some() {
+            return;
+        }
+        let Some(view) = self.last_view.clone() else {
+            return;
+        };
+        let model = self.model.clone();
+        let generation = self.generation;
+        let probe = async move { model.probe(&view).await };
+        ctx.spawn(probe.into_actor(self).map(move |result, leader, _| {
+            if generation != leader.generation {
+                return;
+            }
+            let status = match result {
+                Ok(status) => status,
+                Err(err) => {
+                    warn!("cluster {}: probe failed: {err}", leader.config.cluster);
+                    format!("* {err}")
+                }
+            };
+            leader
+                .telemetry
+                .update(|facts| facts.registration.status = status.clone());
+            leader.session.do_send(UpdateStatus(status));
+        }));
+    }
+}
+
+impl Actor for Leader {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // awc clients are bound to the thread that made them, so the actor makes its own.
+        self.http = Some(awc::Client::default());
+        if !self.config.probe_every.is_zero() {
+            ctx.run_interval(self.config.probe_every, |leader, ctx| leader.probe(ctx));
+        }
+    }
+}
+
+impl Handler<LeadershipEvent> for Leader {
+    type Result = ();
+
+    fn handle(&mut self, event: LeadershipEvent, ctx: &mut Self::Context) {
+        self.stand_down(ctx);
+        match event {
+            LeadershipEvent::Elected { epoch, client } => {
+                self.epoch = epoch;
+                self.client = Some(client);
+                self.children.clear();
+                self.snapshots.clear();
+                self.last_view = None;
+                self.take_charge(ctx);
+            }
+            LeadershipEvent::Resumed { client } => {
+                self.client = Some(client);
+                self.take_charge(ctx);
+            }
+            LeadershipEvent::Suspended => {
+                info!(
+                    "cluster {}: leader suspended, no configuration until the session resumes",
+                    self.config.cluster
+                );
+            }
+            LeadershipEvent::Deposed => {
+                self.client = None;
+                self.children.clear();
+                self.snapshots.clear();
+                self.stored_hash = None;
+                self.last_view = None;
+            }
+        }
+    }
+}
+
+/// One configuration round, detached from the actor so it can run as a plain future.
+struct Round {
+    http: awc::Client,
+    epoch: i64,
+    config: LeaderConfig,
+    dependencies: BTreeMap<String, Pods>,
+}
+
+impl Round {
+    /// Runs the round over `pods` and returns the pods it configured.
+    async fn run(&self, mut pods: Pods) -> Result<Pods, String> {
+        let replies = self.phase(Verb::Check, &pods).await;
+        for (key, reply) in replies {
+            match reply {
+                Ok(200) => {}
+                Ok(410) => {
+                    info!(
+                        "cluster {}: dropping dead pod {key} from the round",
+                        self.config.cluster
+                    );
+                    pods.remove(&key);
+                }
+                Ok(status) => return Err(format!("pod {key} answered {status} to check")),
+                Err(err) => return Err(format!("pod {key} did not answer check: {err}")),
+            }
+        }
+
+        if self.config.full_shutdown {
+            self.require(Verb::Off, &pods).await?;
+        }
+        self.require(Verb::On, &pods).await?;
+
+        for (key, reply) in self.phase(Verb::Ok, &pods).await {
+            match reply {
+                Ok(200) => {}
+                Ok(status) => warn!(
+                    "cluster {}: pod {key} answered {status} to ok",
+                    self.config.cluster
+                ),
+                Err(err) => warn!(
+                    "cluster {}: pod {key} did not answer ok: {err}",
+                    self.config.cluster
+                ),
+            }
+        }
+        Ok(pods)
+    }
+
+    /// Sends `verb` to every pod and fails unless all answer 200.
+    async fn require(&self, verb: Verb, pods: &Pods) -> Result<(), String> {
+        for (key, reply) in self.phase(verb, pods).await {
+            match reply {
+                Ok(200) => {}
+                Ok(status) => {
+                    return Err(format!("pod {key} answered {status} to {}", verb.as_str()))
+                }
+                Err(err) => {
+                    return Err(format!("pod {key} did not answer {}: {err}", verb.as_str()))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `verb` to every pod, in parallel or one by one, and returns each HTTP status.
+    async fn phase(&self, verb: Verb, pods: &Pods) -> Vec<(String, Result<u16, String>)> {
+        let requests = pods.iter().map(|(key, pod)| {
+            let view = plan::view_for(key, pods, &self.dependencies);
+            let address = pod.control_address();
+            let key = key.clone();
+            async move {
+                let body = serde_json::to_value(&view).expect("a cluster view always serializes");
+                let reply = control::send(
+                    &self.http,
+                    &address,
+                    verb,
+                    self.config.control_timeout,
+                    Some(self.epoch),
+                    &body,
+                )
+                .await
+                .map(|(status, _)| status)
+                .map_err(|err| err.to_string());
+                (key, reply)
+            }
+        });
+        let concurrency = if self.config.sequential { 1 } else { FAN_OUT };
+        stream::iter(requests).buffered(concurrency).collect().await
+    }
+}
+
+/// Writes the snapshot (configured pods by key) and the hash of the configured state.
+async fn write_outcome(
+    client: &zk::Client,
+    cluster: &str,
+    pods: &Pods,
+    hash: &str,
+) -> Result<(), zk::Error> {
+    let snapshot = serde_json::to_vec(pods).expect("pods always serialize");
+    write_node(client, &layout::snapshot(cluster), &snapshot).await?;
+    write_node(client, &layout::hash(cluster), hash.as_bytes()).await
+}
+
+/// Sets the data of a persistent node, creating it when missing.
+async fn write_node(client: &zk::Client, path: &str, data: &[u8]) -> Result<(), zk::Error> {
+    match client.set_data(path, data, None).await {
+        Ok(_) => Ok(()),
+        Err(zk::Error::NoNode) => {
+            let options = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+            match client.create(path, data, &options).await {
+                Ok(_) => Ok(()),
+                Err(zk::Error::NodeExists) => client.set_data(path, data, None).await.map(|_| ()),
+                Err(err) => Err(err),
+            }
+        }
+        Err(err) => Err(err),
+    }
+}
