@@ -33,6 +33,7 @@ pub mod leader;
 pub mod lifecycle;
 pub mod logging;
 pub mod plan;
+pub mod pod;
 pub mod reaper;
 pub mod registration;
 pub mod session;

@@ -1,1 +1,212 @@
-fn main() {}
+//! The `ochopod` binary. `run` starts a pod as a container's entrypoint, and the other
+//! subcommands are operator tools that read ZooKeeper and call the pods' control servers.
+//!
+//! Exit codes: 0 success, 1 failure at run time (or a pod that did not reply 200), 2 invalid
+//! command line or settings, reported before anything starts.
+
+mod cli;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use ochopod::lifecycle::Verb;
+use ochopod::settings::{check_zookeeper, MAX_SECONDS};
+
+use cli::operator::{Action, Target};
+use cli::pattern::Pattern;
+use cli::run::RunArgs;
+
+/// ZooKeeper of the operator commands when neither `--zk` nor `ochopod_zk`/`OCHOPOD_ZK` is set.
+const DEFAULT_ZOOKEEPER: &str = "127.0.0.1:2181";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ochopod",
+    version,
+    about = "Container agent that clusters pods through ZooKeeper"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a pod: register in ZooKeeper, take part in the leader election, supervise the
+    /// sub-process
+    Run(Box<RunArgs>),
+    /// List the pods of the matching clusters: cluster, seq, ip, ports, state, process, status
+    Ls(ListArgs),
+    /// Print /info of each matching pod
+    Info(TargetArgs),
+    /// Print the last log lines of each matching pod
+    Log(TargetArgs),
+    /// Turn the matching pods on, with a cluster view built as their leader would
+    On(TargetArgs),
+    /// Turn the matching pods off
+    Off(TargetArgs),
+    /// Kill the matching pods: tear the sub-process down and finalize; they stay dead
+    Kill(TargetArgs),
+    /// Make the matching pods drop their ZooKeeper session and register again
+    Reset(TargetArgs),
+    /// Run the signaled step of the matching pods with a JSON body
+    Signal(SignalArgs),
+    /// Validate a TOML settings file and report every error
+    CheckConfig {
+        /// The TOML settings file
+        file: PathBuf,
+    },
+}
+
+/// Arguments shared by the operator commands: the ZooKeeper address, the output format and the
+/// timeout.
+#[derive(Args, Debug)]
+struct Common {
+    /// ZooKeeper connection string [default: ochopod_zk or OCHOPOD_ZK, else 127.0.0.1:2181]
+    #[arg(long, value_name = "HOSTS")]
+    zk: Option<String>,
+    /// Print JSON instead of text
+    #[arg(long)]
+    json: bool,
+    /// Seconds each ZooKeeper connection and request may take [default: 5, or 60 for on, off,
+    /// kill and signal]
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<f64>,
+}
+
+#[derive(Args, Debug)]
+#[command(allow_negative_numbers = true)]
+struct ListArgs {
+    /// Glob over <namespace>.<cluster>, optionally #<seq>, e.g. 'shop.*' or '*.redis#3'
+    #[arg(default_value = "*")]
+    pattern: String,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args, Debug)]
+#[command(allow_negative_numbers = true)]
+struct TargetArgs {
+    /// Glob over <namespace>.<cluster>, optionally #<seq>, e.g. 'shop.*' or '*.redis#3'
+    pattern: String,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args, Debug)]
+#[command(allow_negative_numbers = true)]
+struct SignalArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    /// JSON body handed to the signaled step
+    #[arg(long, value_name = "JSON", default_value = "{}")]
+    body: String,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    ochopod::logging::init();
+
+    let code = match cli.command {
+        Command::Run(args) => cli::run::run(*args),
+        Command::CheckConfig { file } => cli::run::check_config(file),
+        Command::Ls(args) => operate(&args.pattern, &args.common, None, Duration::from_secs(5)),
+        Command::Info(args) => operate(
+            &args.pattern,
+            &args.common,
+            Some(Action::Info),
+            Duration::from_secs(5),
+        ),
+        Command::Log(args) => operate(
+            &args.pattern,
+            &args.common,
+            Some(Action::Log),
+            Duration::from_secs(5),
+        ),
+        Command::Reset(args) => operate(
+            &args.pattern,
+            &args.common,
+            Some(Action::Reset),
+            Duration::from_secs(5),
+        ),
+        Command::On(args) => control(&args, Verb::On, serde_json::Value::Null),
+        Command::Off(args) => control(&args, Verb::Off, serde_json::Value::Null),
+        Command::Kill(args) => control(&args, Verb::Kill, serde_json::Value::Null),
+        Command::Signal(args) => match serde_json::from_str(&args.body) {
+            Ok(body) => control(&args.target, Verb::Signal, body),
+            Err(error) => usage_error(&format!(
+                "invalid --body {:?}: not JSON ({error})",
+                args.body
+            )),
+        },
+    };
+    std::process::exit(code);
+}
+
+fn control(args: &TargetArgs, verb: Verb, body: serde_json::Value) -> i32 {
+    operate(
+        &args.pattern,
+        &args.common,
+        Some(Action::Control(verb, body)),
+        Duration::from_secs(60),
+    )
+}
+
+/// Runs an operator command (`ls` when `action` is `None`) in an actix `System`.
+fn operate(
+    pattern: &str,
+    common: &Common,
+    action: Option<Action>,
+    default_timeout: Duration,
+) -> i32 {
+    let target = match target(pattern, common, default_timeout) {
+        Ok(target) => target,
+        Err(message) => return usage_error(&message),
+    };
+    actix::System::new().block_on(async move {
+        match action {
+            None => cli::operator::list(target).await,
+            Some(action) => cli::operator::act(target, action).await,
+        }
+    })
+}
+
+/// Checks the operator command's arguments.
+fn target(pattern: &str, common: &Common, default_timeout: Duration) -> Result<Target, String> {
+    let pattern = Pattern::parse(pattern)?;
+
+    let zk = common
+        .zk
+        .clone()
+        .or_else(|| std::env::var("OCHOPOD_ZK").ok())
+        .or_else(|| std::env::var("ochopod_zk").ok())
+        .filter(|zk| !zk.is_empty())
+        .unwrap_or_else(|| DEFAULT_ZOOKEEPER.to_string());
+    check_zookeeper(&zk).map_err(|expected| {
+        format!("invalid ZooKeeper connection string {zk:?}: expected {expected}")
+    })?;
+
+    let timeout = match common.timeout {
+        None => default_timeout,
+        Some(seconds) if seconds.is_finite() && seconds > 0.0 && seconds <= MAX_SECONDS => {
+            Duration::from_secs_f64(seconds)
+        }
+        Some(seconds) => {
+            return Err(format!(
+                "invalid --timeout {seconds}: expected seconds above 0 and at most {MAX_SECONDS}"
+            ));
+        }
+    };
+    Ok(Target {
+        zk,
+        pattern,
+        timeout,
+        json: common.json,
+    })
+}
+
+fn usage_error(message: &str) -> i32 {
+    eprintln!("ochopod: {message}");
+    2
+}

@@ -666,6 +666,17 @@ fn build_command(command: &SubCommand, facts: &str) -> Result<Command, Superviso
     if let Some(cwd) = &command.cwd {
         process.current_dir(cwd);
     }
+
+    // An agent killed with SIGKILL cannot tear its sub-process down; the kernel then kills the
+    // sub-process instead of leaving it orphaned. Linux sends the signal when the thread that
+    // forked exits, which for an actor is its arbiter's thread.
+    // SAFETY: the closure runs between fork and exec and only makes the prctl system call,
+    // which is async-signal-safe.
+    unsafe {
+        process.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(Some(Signal::SIGKILL)).map_err(std::io::Error::from)
+        });
+    }
     Ok(process)
 }
 

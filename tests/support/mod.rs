@@ -5,6 +5,7 @@
 //! so unused items are allowed.
 #![allow(dead_code, unused_imports)]
 
+pub mod pods;
 pub mod proxy;
 pub mod wait;
 pub mod zk;
