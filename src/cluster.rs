@@ -1,4 +1,4 @@
-//! The cluster view: what a configuration round tells every pod about its cluster and the
+//! The cluster view: what a configuration round sends every pod about its cluster and the
 //! clusters it depends on.
 //!
 //! The leader builds one view per round and sends it, with the receiving pod's `key`, as the

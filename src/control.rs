@@ -10,11 +10,16 @@
 //! | `GET /health` | 200 while the pod is not dead, 503 once it is |
 //! | `GET /metrics` | Prometheus text format |
 //!
-//! Every reply but `/metrics` is JSON, and every error is `{"error": "..."}`, including 404,
-//! 405 and 413. The server only reads shared facts (`Telemetry`) and forwards requests to the
-//! lifecycle and session actors, so it keeps no pod state of its own besides request counters.
+//! Every reply but `/metrics` is JSON, and every error is `{"error": "..."}`, including 401,
+//! 404, 405 and 413. With a `token` setting, `/control/*` and `/reset` require it and reply 401
+//! without it (see [`auth`]). `/info`, `/log`, `/health` and `/metrics` stay open, so platform
+//! probes and monitoring need no secret.
+//!
+//! The server only reads shared facts (`Telemetry`) and forwards requests to the lifecycle and
+//! session actors, so it keeps no pod state of its own besides request counters.
 //! It runs one worker thread: the work behind each request happens in the actors.
 
+mod auth;
 mod client;
 mod metrics;
 
@@ -29,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_web::dev::{ServerHandle, Service};
-use actix_web::http::header::{HeaderMap, CONTENT_LENGTH};
+use actix_web::http::header::{HeaderMap, CONTENT_LENGTH, WWW_AUTHENTICATE};
 use actix_web::http::StatusCode;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer, ResponseError};
 use futures::StreamExt;
@@ -42,7 +47,8 @@ use crate::session::ResetSession;
 use crate::settings::{Settings, MAX_SECONDS};
 use crate::telemetry::{ProcessState, Telemetry};
 
-pub use client::{request, send, SendError};
+pub use auth::{authorize, carries_credentials, sign, AuthError, SIGNATURE_HEADER};
+pub use client::{request, send, Credentials, SendError};
 
 /// Largest request body accepted; larger ones get 413.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -53,9 +59,14 @@ pub const DEFAULT_CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Header carrying the epoch of the leader that sends a control request.
 pub const EPOCH_HEADER: &str = "X-Ochopod-Epoch";
 
-/// Pending connections the listening socket queues; the callers are one leader and a few
-/// operators, so a small queue is enough.
-const BACKLOG: u32 = 64;
+/// Pending connections the listening socket queues. Besides one leader and a few operators,
+/// monitoring and health probes may connect in bursts. A connection the queue cannot take waits
+/// for a SYN retransmission, one second or more.
+const BACKLOG: u32 = 1024;
+
+/// Shortest time between two log lines about rejected credentials; the rejections in between
+/// are counted in the next line.
+const REJECTION_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Seconds a stopping server waits for requests in flight.
 const SHUTDOWN_TIMEOUT_SECONDS: u64 = 1;
@@ -92,6 +103,7 @@ pub fn start_control_server(server: ControlServer) -> io::Result<RunningControlS
         session: server.session,
         settings: server.settings,
         responses: Mutex::new(BTreeMap::new()),
+        rejections: Mutex::new(Rejections::default()),
     });
 
     let http = HttpServer::new(move || {
@@ -174,6 +186,14 @@ struct State {
     settings: Arc<Settings>,
     /// Replies sent, by status code, for `/metrics`.
     responses: Mutex<BTreeMap<u16, u64>>,
+    rejections: Mutex<Rejections>,
+}
+
+/// Requests rejected for their credentials since the last log line about them.
+#[derive(Default)]
+struct Rejections {
+    last_logged: Option<Instant>,
+    unlogged: u64,
 }
 
 impl State {
@@ -183,6 +203,38 @@ impl State {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         *responses.entry(status.as_u16()).or_default() += 1;
+    }
+
+    /// Checks the credentials of a request that changes the pod. Rejections are logged at most
+    /// once per [`REJECTION_LOG_INTERVAL`], so a burst of them adds one line to the log.
+    fn authorize(&self, request: &HttpRequest, body: &[u8]) -> Result<(), ApiError> {
+        let Err(error) = authorize(self.settings.token.as_ref(), request.headers(), body) else {
+            return Ok(());
+        };
+
+        let mut rejections = self
+            .rejections
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        rejections.unlogged += 1;
+        let due = rejections
+            .last_logged
+            .is_none_or(|last| last.elapsed() >= REJECTION_LOG_INTERVAL);
+        if due {
+            let peer = request
+                .peer_addr()
+                .map_or_else(|| "an unknown address".to_string(), |peer| peer.to_string());
+            warn!(
+                "cluster {}: rejected {} {} from {peer}: {error} ({} rejected since the last such line)",
+                self.settings.qualified_cluster(),
+                request.method(),
+                request.path(),
+                rejections.unlogged
+            );
+            rejections.last_logged = Some(Instant::now());
+            rejections.unlogged = 0;
+        }
+        Err(ApiError::new(StatusCode::UNAUTHORIZED, error.to_string()))
     }
 }
 
@@ -225,7 +277,11 @@ impl ResponseError for ApiError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status).json(json!({ "error": self.message }))
+        let mut response = HttpResponse::build(self.status);
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.insert_header((WWW_AUTHENTICATE, "Bearer realm=\"ochopod\""));
+        }
+        response.json(json!({ "error": self.message }))
     }
 }
 
@@ -275,6 +331,21 @@ async fn read_body(headers: &HeaderMap, mut payload: web::Payload) -> Result<web
         body.extend_from_slice(&chunk);
     }
     Ok(body.freeze())
+}
+
+/// Reads the body of a request that changes the pod and checks its credentials. A request
+/// without any is rejected before its body is read; a signed one needs the whole body.
+async fn read_authorized_body(
+    request: &HttpRequest,
+    payload: web::Payload,
+    state: &State,
+) -> Result<web::Bytes, ApiError> {
+    if !carries_credentials(request.headers()) {
+        state.authorize(request, b"")?;
+    }
+    let body = read_body(request.headers(), payload).await?;
+    state.authorize(request, &body)?;
+    Ok(body)
 }
 
 async fn info(
@@ -346,7 +417,7 @@ async fn reset(
     payload: web::Payload,
     state: web::Data<State>,
 ) -> Result<HttpResponse, ApiError> {
-    read_body(request.headers(), payload).await?;
+    read_authorized_body(&request, payload, &state).await?;
     let cluster = state.settings.qualified_cluster();
     match state.session.send(ResetSession).await {
         Ok(Ok(())) => {
@@ -390,6 +461,9 @@ async fn run_control(
     payload: web::Payload,
     state: &State,
 ) -> Result<HttpResponse, ApiError> {
+    // Credentials first, so that a caller without them learns nothing about the rest.
+    let body = read_authorized_body(request, payload, state).await?;
+
     let verb_text = request.match_info().get("verb").unwrap_or_default();
     let verb = Verb::parse(verb_text).ok_or_else(|| {
         ApiError::bad_request(format!(
@@ -398,7 +472,6 @@ async fn run_control(
     })?;
     let timeout = parse_timeout(request.match_info().get("timeout"))?;
     let epoch = parse_epoch(request.headers())?;
-    let body = read_body(request.headers(), payload).await?;
     let body: serde_json::Value = if body.iter().all(u8::is_ascii_whitespace) {
         json!({})
     } else {

@@ -1,11 +1,14 @@
 //! The election actor: takes part in electing one leader per cluster with the ZooKeeper lock
-//! recipe, and tells the leader actor when this pod gains, suspends, resumes or loses the lead.
+//! recipe, and notifies the leader actor when this pod gains, suspends, resumes or loses the lead.
 //!
 //! Each pod creates an ephemeral sequential node under `coordinator/`; the lowest sequence
 //! number holds the lock. A waiter watches only the node just below its own, so the death of a
-//! leader wakes one pod instead of the whole cluster. The winner's sequence number is its
-//! epoch: it grows with every new lock node, so pods can fence off requests from an older
-//! leader.
+//! leader wakes one pod instead of the whole cluster. The winner's epoch comes from its
+//! sequence number: it grows with every new lock node, so pods can fence off requests from an
+//! older leader. The epoch also carries the creation time of `coordinator/` (see [`epoch`]). The
+//! sequence numbers start again from 0 when that znode is created anew, because ZooKeeper lost
+//! its data or an operator deleted the cluster, while the pods still remember the epochs of the
+//! lost state.
 //!
 //! While the session is disconnected a leader must assume it may have lost the lock, so the
 //! leader actor is suspended. When the same session resumes, the lock node is read again and
@@ -26,11 +29,11 @@ use crate::telemetry::{Role, Telemetry};
 /// Delay before a failed ZooKeeper request of the election is tried again.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 
-/// What the election tells the leader actor.
+/// Leadership change sent by the election to the leader actor.
 #[derive(Clone, Debug, Message)]
 #[rtype(result = "()")]
 pub enum LeadershipEvent {
-    /// This pod holds the lock; `epoch` is its lock node's sequence number.
+    /// This pod holds the lock; `epoch` is its fencing token (see [`epoch`]).
     Elected { epoch: i64, client: zk::Client },
     /// The session is disconnected: stop driving configuration until `Resumed` or `Deposed`.
     Suspended,
@@ -180,7 +183,7 @@ impl Election {
         let directory = layout::coordinator(&self.cluster);
 
         let attempt = async move {
-            let children = client.list_children(&directory).await?;
+            let (children, stat) = client.get_children(&directory).await?;
             let mut locks: Vec<(i64, String)> = children
                 .into_iter()
                 .filter_map(|child| lock_sequence(&child).map(|seq| (seq, child)))
@@ -195,7 +198,7 @@ impl Election {
                 .take_while(|(other, _)| *other < seq)
                 .last()
             else {
-                return Ok(Standing::Lowest);
+                return Ok(Standing::Lowest(epoch(stat.ctime, seq)));
             };
             let path = format!("{directory}/{predecessor}");
             match client.check_and_watch_stat(&path).await? {
@@ -209,7 +212,7 @@ impl Election {
                 return;
             }
             match result {
-                Ok(Standing::Lowest) => election.lead(seq),
+                Ok(Standing::Lowest(epoch)) => election.lead(epoch),
                 Ok(Standing::Recheck) => election.check(ctx),
                 Ok(Standing::Lost) => {
                     warn!(
@@ -266,7 +269,7 @@ impl Election {
 
     /// After the session resumed: confirms the lock node is still ours before resuming the lead.
     fn verify(&mut self, ctx: &mut Context<Self>) {
-        let (Some(client), Some((name, seq))) = (self.client.clone(), self.lock.clone()) else {
+        let (Some(client), Some((name, _))) = (self.client.clone(), self.lock.clone()) else {
             self.acquire(ctx);
             return;
         };
@@ -289,7 +292,7 @@ impl Election {
                     if election.leading {
                         if let Some(client) = election.client.clone() {
                             info!(
-                                "cluster {}: lock node still held, resuming the lead (epoch {seq})",
+                                "cluster {}: lock node {name} still held, resuming the lead",
                                 election.cluster
                             );
                             election.leader.do_send(LeadershipEvent::Resumed { client });
@@ -308,16 +311,31 @@ impl Election {
     }
 }
 
-/// What a lock check found.
+/// Outcome of a lock check.
 enum Standing {
-    /// Our node is the lowest: we lead.
-    Lowest,
+    /// Our node is the lowest: we lead with this epoch.
+    Lowest(i64),
     /// Another node is below ours: wait for it to go.
     Waiting(String, zk::OneshotWatcher),
     /// The predecessor vanished between the listing and the watch: list again.
     Recheck,
     /// Our node is gone.
     Lost,
+}
+
+/// Lock sequence numbers per second of `coordinator/` creation time in an epoch.
+const EPOCH_SEQUENCE_SPAN: i64 = 1_000_000_000;
+
+/// Returns the epoch of the leader holding lock node `seq` under a `coordinator/` znode created
+/// at `created_ms` (ZooKeeper `ctime`, ms since 1970). It is the creation time in seconds
+/// followed by nine decimal digits of the sequence number, so that it reads as both.
+///
+/// Within one `coordinator/` znode the epoch grows with the sequence number. When the znode is
+/// created anew, its later creation time puts every new epoch above the old ones, which pods
+/// may still remember. This holds as long as the ZooKeeper servers' clocks do not go back by
+/// more than the age of the old znode, and a cluster creates fewer than 10^9 lock nodes.
+pub fn epoch(created_ms: i64, seq: i64) -> i64 {
+    (created_ms / 1000) * EPOCH_SEQUENCE_SPAN + seq
 }
 
 /// Returns the sequence number of a lock node name (`<key>-lock-<seq>`).
@@ -396,6 +414,15 @@ impl Handler<Resign> for Election {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn epoch_grows_with_sequence_then_creation_time() {
+        let created = 1_764_880_000_123;
+        assert_eq!(epoch(created, 7), 1_764_880_000_000_000_007);
+        assert!(epoch(created, 8) > epoch(created, 7));
+        // A coordinator created anew a second later starts its sequence again from 0.
+        assert!(epoch(created + 1000, 0) > epoch(created, 999_999));
+    }
 
     #[test]
     fn lock_sequence_parses_suffix() {

@@ -85,7 +85,8 @@ const MAX_STATUS_CHARS: usize = 1000;
 /// the background keeps it open. The output read by then is used.
 const OUTPUT_LINGER: Duration = Duration::from_millis(500);
 
-/// Problem with a hook of the settings, found at start.
+/// Problem with the binary's lifecycle settings (hooks, working directory, static command),
+/// found at start.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum HookError {
     #[error("unknown hook `{name}`: {}", unknown_step_hint(.suggestion))]
@@ -116,6 +117,16 @@ pub enum HookError {
         path: PathBuf,
         mode: u32,
     },
+    #[error(
+        "setting `cwd`: {} is not a usable directory ({reason}); create it or correct `cwd`",
+        .path.display()
+    )]
+    WorkingDirectory { path: PathBuf, reason: String },
+    #[error(
+        "the command's program `{program}` is not an executable file ({searched}); install it, \
+         correct the command, or print a command from a `configure` hook"
+    )]
+    ProgramNotFound { program: String, searched: String },
 }
 
 fn unknown_step_hint(suggestion: &Option<&'static str>) -> String {
@@ -163,54 +174,20 @@ impl HookRunner {
         }
     }
 
-    /// Checks that every hook names a known step and is an executable file.
+    /// Checks what the binary's lifecycle needs before it starts: the `cwd` directory exists,
+    /// every hook names a known step and is an executable file, and the static command's
+    /// program can be found when no `configure` hook may replace it.
     ///
     /// # Errors
     ///
-    /// Returns the first problem found, in step name order, naming the hook, its path and the
-    /// fix.
+    /// Returns the first problem found (the directory, then hooks in step name order, then the
+    /// command), naming the setting, its path and the fix.
     pub fn validate(settings: &Settings) -> Result<(), HookError> {
-        for (name, path) in &settings.hooks {
-            if !HOOK_STEPS.contains(&name.as_str()) {
-                return Err(HookError::UnknownStep {
-                    name: name.clone(),
-                    suggestion: closest_step(name),
-                });
-            }
-
-            let path = absolute(path);
-            let metadata = match std::fs::metadata(&path) {
-                Ok(metadata) => metadata,
-                Err(error) if error.kind() == io::ErrorKind::NotFound => {
-                    return Err(HookError::Missing {
-                        name: name.clone(),
-                        path,
-                    });
-                }
-                Err(error) => {
-                    return Err(HookError::Unreadable {
-                        name: name.clone(),
-                        path,
-                        reason: error.to_string(),
-                    });
-                }
-            };
-            if !metadata.is_file() {
-                return Err(HookError::NotAFile {
-                    name: name.clone(),
-                    path,
-                });
-            }
-            let mode = metadata.permissions().mode() & 0o7777;
-            if mode & 0o111 == 0 {
-                return Err(HookError::NotExecutable {
-                    name: name.clone(),
-                    path,
-                    mode,
-                });
-            }
+        if let Some(cwd) = &settings.cwd {
+            check_directory(cwd)?;
         }
-        Ok(())
+        check_hooks(settings)?;
+        check_static_program(settings)
     }
 
     fn remember_view(&self, cluster: &Cluster) {
@@ -327,6 +304,121 @@ impl HookRunner {
         debug!("[pid {pid}] hook `{step}` done");
         Ok(Some(String::from_utf8_lossy(&stdout.take()).into_owned()))
     }
+}
+
+/// Checks that every hook names a known step and is an executable file.
+fn check_hooks(settings: &Settings) -> Result<(), HookError> {
+    for (name, path) in &settings.hooks {
+        if !HOOK_STEPS.contains(&name.as_str()) {
+            return Err(HookError::UnknownStep {
+                name: name.clone(),
+                suggestion: closest_step(name),
+            });
+        }
+
+        let path = absolute(path);
+        let metadata = match std::fs::metadata(&path) {
+            Ok(metadata) => metadata,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {
+                return Err(HookError::Missing {
+                    name: name.clone(),
+                    path,
+                });
+            }
+            Err(error) => {
+                return Err(HookError::Unreadable {
+                    name: name.clone(),
+                    path,
+                    reason: error.to_string(),
+                });
+            }
+        };
+        if !metadata.is_file() {
+            return Err(HookError::NotAFile {
+                name: name.clone(),
+                path,
+            });
+        }
+        let mode = metadata.permissions().mode() & 0o7777;
+        if mode & 0o111 == 0 {
+            return Err(HookError::NotExecutable {
+                name: name.clone(),
+                path,
+                mode,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Checks that `path` is a directory the sub-process and hooks can run in.
+fn check_directory(path: &Path) -> Result<(), HookError> {
+    let invalid = |reason: String| HookError::WorkingDirectory {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let metadata = std::fs::metadata(path).map_err(|error| invalid(error.to_string()))?;
+    if !metadata.is_dir() {
+        return Err(invalid("not a directory".to_string()));
+    }
+    Ok(())
+}
+
+/// Checks that the program of the static command is an executable file when the command is
+/// sure to run as given. That is the case when the sub-process starts (`start`), no `configure`
+/// hook may return another command, no `initialize` hook may install the program first, and
+/// the command does not run through a shell.
+fn check_static_program(settings: &Settings) -> Result<(), HookError> {
+    let hooked = ["configure", "initialize"]
+        .iter()
+        .any(|step| settings.hooks.contains_key(*step));
+    if !settings.start || hooked || settings.shell {
+        return Ok(());
+    }
+    // An invalid `command` is reported by the settings; nothing to add here.
+    let Ok(Some(command)) = crate::lifecycle::static_command(settings) else {
+        return Ok(());
+    };
+    let Some(program) = command.argv.first() else {
+        return Ok(());
+    };
+
+    // A path with a slash is taken relative to the sub-process's working directory; a bare
+    // name is looked up in the PATH the sub-process gets.
+    if program.contains('/') {
+        let base = settings
+            .cwd
+            .clone()
+            .unwrap_or_else(|| absolute(Path::new(".")));
+        let path = base.join(program);
+        if is_executable_file(&path) {
+            return Ok(());
+        }
+        return Err(HookError::ProgramNotFound {
+            program: program.clone(),
+            searched: format!("looked at {}", path.display()),
+        });
+    }
+    let search_path = settings
+        .env
+        .get("PATH")
+        .cloned()
+        .or_else(|| std::env::var("PATH").ok())
+        .unwrap_or_default();
+    if std::env::split_paths(&search_path)
+        .any(|directory| is_executable_file(&directory.join(program)))
+    {
+        return Ok(());
+    }
+    Err(HookError::ProgramNotFound {
+        program: program.clone(),
+        searched: format!("searched PATH={search_path}"),
+    })
+}
+
+fn is_executable_file(path: &Path) -> bool {
+    std::fs::metadata(path)
+        .is_ok_and(|metadata| metadata.is_file() && metadata.permissions().mode() & 0o111 != 0)
 }
 
 #[async_trait]

@@ -1,4 +1,4 @@
-//! Where things live in ZooKeeper: the znode paths of the original Ochopod layout.
+//! Znode paths of the ZooKeeper layout, the same as the original Ochopod's.
 //!
 //! ```text
 //! /ochopod/clusters/<namespace>.<cluster>/pods/<key>.<seq>   ephemeral, a registration each

@@ -12,6 +12,14 @@
 //! failure; with `full_shutdown` turn every pod `off`; `on` every pod; `ok` every pod; then
 //! write `snapshot` and `hash`. Every request carries the leader's epoch for fencing.
 //!
+//! Leadership is a lease as well as a lock: the actor confirms its session with a `sync` every
+//! sixth of the session timeout, and holds the lead for two thirds of the timeout after the
+//! last confirmed request. ZooKeeper cannot expire the session, and so elect another leader,
+//! before a full timeout after that request. A leader that was frozen (SIGSTOP, a long pause)
+//! or cut off therefore stops starting rounds and sending requests, and `/info` stops
+//! reporting it as leader, before any other pod can lead, even before it hears from
+//! ZooKeeper that its session is gone.
+//!
 //! Registrations are cached by child name: a watch event reads only the children not seen
 //! before, so a growing cluster costs one read per new pod, not one per pod per change.
 
@@ -38,8 +46,19 @@ use crate::telemetry::{Role, Telemetry};
 /// Shortest wait before a failed round is tried again, so a damper of 0 does not spin.
 const MIN_RETRY_DELAY: Duration = Duration::from_secs(1);
 
+/// Longest wait between two attempts of a round that keeps failing over the same cluster state;
+/// the wait doubles from the damper (at least `MIN_RETRY_DELAY`) up to this.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
+
 /// Delay before a failed ZooKeeper read of the leader is tried again.
 const READ_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// Share of the negotiated session timeout the lead lasts after the last confirmed request.
+const LEASE_SHARE: (u32, u32) = (2, 3);
+
+/// Share of the negotiated session timeout between two lease renewals, so that the lease
+/// outlasts two failed renewals in a row.
+const RENEW_SHARE: (u32, u32) = (1, 6);
 
 /// Control requests in flight at once during a parallel round.
 const FAN_OUT: usize = 64;
@@ -59,6 +78,8 @@ pub struct LeaderConfig {
     pub sequential: bool,
     pub control_timeout: Duration,
     pub probe_every: Duration,
+    /// Shared token sent with every control request, when the cluster has one.
+    pub token: Option<crate::settings::Token>,
 }
 
 /// The leader actor.
@@ -91,6 +112,10 @@ pub struct Leader {
     dependencies_known: bool,
 
     pending: Option<SpawnHandle>,
+    /// Hash of the state the last round failed on, while its retry is pending.
+    retry_for: Option<String>,
+    /// Rounds failed in a row over the same state, for the retry backoff.
+    failures: u32,
     round: Option<SpawnHandle>,
     /// A change arrived during the round: evaluate again when it ends.
     dirty: bool,
@@ -128,6 +153,8 @@ impl Leader {
             pods_known: false,
             dependencies_known: false,
             pending: None,
+            retry_for: None,
+            failures: 0,
             round: None,
             dirty: false,
             last_view: None,
@@ -136,6 +163,43 @@ impl Leader {
 
     fn set_role(&self, role: Role) {
         self.telemetry.update(|facts| facts.role = role);
+    }
+
+    fn set_lease(&self, lease: Option<Instant>) {
+        self.telemetry.update(|facts| facts.leader_lease = lease);
+    }
+
+    /// Confirms the session with ZooKeeper and extends the lease from the moment the request
+    /// was sent, then schedules the next renewal for the same lead.
+    fn renew_lease(&mut self, ctx: &mut Context<Self>) {
+        let (true, Some(client)) = (self.active, self.client.clone()) else {
+            return;
+        };
+        let generation = self.generation;
+        let timeout = client.session_timeout();
+        let lease = timeout * LEASE_SHARE.0 / LEASE_SHARE.1;
+        let every = timeout * RENEW_SHARE.0 / RENEW_SHARE.1;
+        let path = layout::cluster(&self.config.cluster);
+        let sent = Instant::now();
+        let confirm = async move { client.sync(&path).await };
+
+        ctx.spawn(confirm.into_actor(self).map(move |result, leader, ctx| {
+            if generation != leader.generation {
+                return;
+            }
+            match result {
+                Ok(()) => leader.set_lease(Some(sent + lease)),
+                Err(err) => debug!(
+                    "cluster {}: lease not renewed: {err}",
+                    leader.config.cluster
+                ),
+            }
+            ctx.run_later(every, move |leader, ctx| {
+                if generation == leader.generation {
+                    leader.renew_lease(ctx);
+                }
+            });
+        }));
     }
 
     /// Stops every timer, watch and round of the current lead.
@@ -153,11 +217,16 @@ impl Leader {
             );
         }
         self.dirty = false;
+        self.retry_for = None;
+        self.failures = 0;
     }
 
     /// Arms every watch and reads the whole state anew: after an election or a resumed session.
+    /// The lead counts only once ZooKeeper confirmed the session, so the lease starts expired.
     fn take_charge(&mut self, ctx: &mut Context<Self>) {
         self.active = true;
+        self.set_lease(Some(Instant::now()));
+        self.renew_lease(ctx);
         self.hash_known = false;
         self.pods_known = false;
         self.dependencies_known = self.dependencies.is_empty();
@@ -172,18 +241,36 @@ impl Leader {
         };
         let generation = self.generation;
         let path = layout::hash(&self.config.cluster);
-        let read = async move { client.get_data(&path).await };
+        let snapshot = layout::snapshot(&self.config.cluster);
+        let read = async move {
+            match client.get_data(&path).await {
+                Ok((data, _)) => Ok(StoredHash::Found(data)),
+                Err(zk::Error::NoNode) => match client.check_stat(&snapshot).await? {
+                    Some(_) => Ok(StoredHash::Lost),
+                    None => Ok(StoredHash::Never),
+                },
+                Err(err) => Err(err),
+            }
+        };
 
         ctx.spawn(read.into_actor(self).map(move |result, leader, ctx| {
             if generation != leader.generation {
                 return;
             }
             match result {
-                Ok((data, _)) => {
+                Ok(StoredHash::Found(data)) => {
                     let hash = String::from_utf8_lossy(&data).trim().to_string();
                     leader.stored_hash = (!hash.is_empty()).then_some(hash);
                 }
-                Err(zk::Error::NoNode) => leader.stored_hash = None,
+                Ok(StoredHash::Never) => leader.stored_hash = None,
+                Ok(StoredHash::Lost) => {
+                    warn!(
+                        "cluster {}: the stored hash is missing beside a snapshot; \
+                         configuring the cluster to write it again",
+                        leader.config.cluster
+                    );
+                    leader.stored_hash = None;
+                }
                 Err(err) => {
                     warn!(
                         "cluster {}: cannot read the stored hash: {err}",
@@ -386,6 +473,15 @@ impl Leader {
                     leader.watch_any(watchers, ctx);
                     leader.evaluate(ctx);
                 }
+                // Only a snapshot created between its read and its watch ends the read with
+                // `NoNode`: nothing failed, so read again at once.
+                Err(zk::Error::NoNode) => {
+                    debug!(
+                        "cluster {}: a dependency snapshot appeared during the read; reading again",
+                        leader.config.cluster
+                    );
+                    leader.watch_dependencies(ctx);
+                }
                 Err(err) => {
                     warn!(
                         "cluster {}: cannot read the dependencies: {err}",
@@ -465,7 +561,17 @@ impl Leader {
             return;
         }
         if self.pending.is_some() {
-            return;
+            // A retry waits out its backoff only while the state is the one that failed.
+            match &self.retry_for {
+                Some(failed) if *failed != hash => {
+                    if let Some(handle) = self.pending.take() {
+                        ctx.cancel_future(handle);
+                    }
+                    self.retry_for = None;
+                    self.failures = 0;
+                }
+                _ => return,
+            }
         }
         info!(
             "cluster {}: change detected, configuring in {:.1} s",
@@ -493,6 +599,18 @@ impl Leader {
         let (Some(client), Some(http)) = (self.client.clone(), self.http.clone()) else {
             return;
         };
+        if !leading(&self.telemetry) {
+            // The lease ended: wait for the next renewal rather than act on an old lead.
+            info!(
+                "cluster {}: lead not confirmed by ZooKeeper, configuration deferred",
+                self.config.cluster
+            );
+            self.pending = Some(ctx.run_later(MIN_RETRY_DELAY, |leader, ctx| {
+                leader.pending = None;
+                leader.start_round(ctx);
+            }));
+            return;
+        }
 
         self.set_role(Role::LeaderConfiguring);
         info!(
@@ -503,6 +621,7 @@ impl Leader {
         let started = Instant::now();
         let generation = self.generation;
         let round = Round {
+            telemetry: self.telemetry.clone(),
             http,
             epoch: self.epoch,
             config: self.config.clone(),
@@ -511,11 +630,14 @@ impl Leader {
         let cluster = self.config.cluster.clone();
 
         let work = async move {
-            let configured = round.run(pods).await?;
-            write_outcome(&client, &cluster, &configured, &hash)
-                .await
-                .map_err(|err| format!("cannot write the snapshot and hash: {err}"))?;
-            Ok::<_, String>((configured, hash))
+            let configured = match round.run(pods).await {
+                Ok(configured) => configured,
+                Err(reason) => return Err((reason, hash)),
+            };
+            if let Err(err) = write_outcome(&client, &cluster, &configured, &hash).await {
+                return Err((format!("cannot write the snapshot and hash: {err}"), hash));
+            }
+            Ok((configured, hash))
         };
 
         self.round = Some(ctx.spawn(work.into_actor(self).map(move |result, leader, ctx| {
@@ -534,14 +656,21 @@ impl Leader {
                         elapsed.as_millis()
                     );
                     leader.stored_hash = Some(hash);
+                    leader.failures = 0;
+                    leader.retry_for = None;
                     leader.last_view = Some(plan::view_for("", &configured, &leader.snapshots));
                     leader.set_role(Role::Leader);
                     leader.dirty = false;
                     leader.evaluate(ctx);
                 }
-                Err(reason) => {
+                Err((reason, hash)) => {
                     Telemetry::count(&leader.telemetry.failed_rounds);
-                    let delay = leader.config.damper.max(MIN_RETRY_DELAY);
+                    if leader.retry_for.as_deref() != Some(hash.as_str()) {
+                        leader.failures = 0;
+                    }
+                    let delay = retry_delay(leader.config.damper, leader.failures);
+                    leader.failures = leader.failures.saturating_add(1);
+                    leader.retry_for = Some(hash);
                     error!(
                         "cluster {}: configuration round failed after {} ms: {reason}; retrying in {:.1} s",
                         leader.config.cluster,
@@ -607,6 +736,7 @@ impl Handler<LeadershipEvent> for Leader {
         self.stand_down(ctx);
         match event {
             LeadershipEvent::Elected { epoch, client } => {
+                self.set_role(Role::Leader);
                 self.epoch = epoch;
                 self.client = Some(client);
                 self.children.clear();
@@ -616,15 +746,19 @@ impl Handler<LeadershipEvent> for Leader {
             }
             LeadershipEvent::Resumed { client } => {
                 self.client = Some(client);
+                self.set_role(Role::Leader);
                 self.take_charge(ctx);
             }
             LeadershipEvent::Suspended => {
+                // Another pod may lead by the time the session resumes: report none meanwhile.
+                self.set_role(Role::Follower);
                 info!(
                     "cluster {}: leader suspended, no configuration until the session resumes",
                     self.config.cluster
                 );
             }
             LeadershipEvent::Deposed => {
+                self.set_lease(None);
                 self.client = None;
                 self.children.clear();
                 self.snapshots.clear();
@@ -635,8 +769,32 @@ impl Handler<LeadershipEvent> for Leader {
     }
 }
 
+/// The `hash` znode as a new lead finds it.
+enum StoredHash {
+    Found(Vec<u8>),
+    /// Neither hash nor snapshot: the cluster was never configured.
+    Never,
+    /// A snapshot without a hash: the hash was deleted by hand or lost.
+    Lost,
+}
+
+/// Returns whether this pod leads now: elected, not suspended, and within its lease.
+fn leading(telemetry: &Telemetry) -> bool {
+    telemetry.facts().role.is_leader()
+}
+
+/// Returns the wait before retrying a round that failed `failures` times in a row before: the
+/// damper (at least `MIN_RETRY_DELAY`), doubled per earlier failure, at most `MAX_RETRY_DELAY`.
+fn retry_delay(damper: Duration, failures: u32) -> Duration {
+    let base = damper.max(MIN_RETRY_DELAY);
+    base.saturating_mul(1 << failures.min(16))
+        .min(MAX_RETRY_DELAY.max(base))
+}
+
 /// One configuration round, detached from the actor so it can run as a plain future.
 struct Round {
+    /// Checked before every request: a round resumed after the lead ended sends nothing.
+    telemetry: Arc<Telemetry>,
     http: awc::Client,
     epoch: i64,
     config: LeaderConfig,
@@ -683,7 +841,7 @@ impl Round {
         Ok(pods)
     }
 
-    /// Sends `verb` to every pod and fails unless all answer 200.
+    /// Sends `verb` to every pod and fails unless every reply is 200.
     async fn require(&self, verb: Verb, pods: &Pods) -> Result<(), String> {
         for (key, reply) in self.phase(verb, pods).await {
             match reply {
@@ -706,13 +864,19 @@ impl Round {
             let address = pod.control_address();
             let key = key.clone();
             async move {
+                if !leading(&self.telemetry) {
+                    return (key, Err("no longer the leader".to_string()));
+                }
                 let body = serde_json::to_value(&view).expect("a cluster view always serializes");
                 let reply = control::send(
                     &self.http,
                     &address,
                     verb,
                     self.config.control_timeout,
-                    Some(self.epoch),
+                    &control::Credentials {
+                        epoch: Some(self.epoch),
+                        token: self.config.token.clone(),
+                    },
                     &body,
                 )
                 .await
@@ -726,7 +890,8 @@ impl Round {
     }
 }
 
-/// Writes the snapshot (configured pods by key) and the hash of the configured state.
+/// Writes the snapshot (configured pods by key) and the hash of the configured state in one
+/// transaction, so that no reader (dependents, the next leader) reads one without the other.
 async fn write_outcome(
     client: &zk::Client,
     cluster: &str,
@@ -734,22 +899,45 @@ async fn write_outcome(
     hash: &str,
 ) -> Result<(), zk::Error> {
     let snapshot = serde_json::to_vec(pods).expect("pods always serialize");
-    write_node(client, &layout::snapshot(cluster), &snapshot).await?;
-    write_node(client, &layout::hash(cluster), hash.as_bytes()).await
+    let (snapshot_path, hash_path) = (layout::snapshot(cluster), layout::hash(cluster));
+    ensure_node(client, &snapshot_path, &snapshot).await?;
+    ensure_node(client, &hash_path, hash.as_bytes()).await?;
+
+    let mut writer = client.new_multi_writer();
+    writer.add_set_data(&snapshot_path, &snapshot, None)?;
+    writer.add_set_data(&hash_path, hash.as_bytes(), None)?;
+    writer.commit().await?;
+    Ok(())
 }
 
-/// Sets the data of a persistent node, creating it when missing.
-async fn write_node(client: &zk::Client, path: &str, data: &[u8]) -> Result<(), zk::Error> {
-    match client.set_data(path, data, None).await {
-        Ok(_) => Ok(()),
-        Err(zk::Error::NoNode) => {
-            let options = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
-            match client.create(path, data, &options).await {
-                Ok(_) => Ok(()),
-                Err(zk::Error::NodeExists) => client.set_data(path, data, None).await.map(|_| ()),
-                Err(err) => Err(err),
-            }
-        }
+/// Creates a persistent node holding `data` unless it exists.
+async fn ensure_node(client: &zk::Client, path: &str, data: &[u8]) -> Result<(), zk::Error> {
+    let options = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+    match client.create(path, data, &options).await {
+        Ok(_) | Err(zk::Error::NodeExists) => Ok(()),
         Err(err) => Err(err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_doubles_up_to_limit() {
+        let no_damper = Duration::ZERO;
+        assert_eq!(retry_delay(no_damper, 0), Duration::from_secs(1));
+        assert_eq!(retry_delay(no_damper, 1), Duration::from_secs(2));
+        assert_eq!(retry_delay(no_damper, 3), Duration::from_secs(8));
+        assert_eq!(retry_delay(no_damper, 10), MAX_RETRY_DELAY);
+        assert_eq!(retry_delay(no_damper, u32::MAX), MAX_RETRY_DELAY);
+        assert_eq!(
+            retry_delay(Duration::from_secs(5), 0),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            retry_delay(Duration::from_secs(90), 2),
+            Duration::from_secs(90)
+        );
     }
 }

@@ -69,10 +69,20 @@ static INIT: Once = Once::new();
 /// Installs the process logger. Later calls do nothing, and so does the first one when another
 /// logger is already installed (then the ring stays empty).
 pub fn init() {
+    init_with_default(AGENT_FILTER);
+}
+
+/// Log filter of the agent when `RUST_LOG` is not set: its own transitions at info, and only
+/// warnings from the ZooKeeper client, whose info lines repeat on every connection.
+pub const AGENT_FILTER: &str = "info,zookeeper_client=warn";
+
+/// Installs the process logger like [`init`], with `filter` as the default when `RUST_LOG` is
+/// not set (operator commands use `warn` so their output stays readable).
+pub fn init_with_default(filter: &str) {
     INIT.call_once(|| {
         // Under `cargo test`, lines go through the test harness's capture instead of stderr.
         let inner =
-            env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+            env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(filter))
                 .is_test(cfg!(test))
                 .build();
         let max_level = inner.filter();

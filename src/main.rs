@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use ochopod::lifecycle::Verb;
-use ochopod::settings::{check_zookeeper, MAX_SECONDS};
+use ochopod::settings::{check_token, check_zookeeper, Token, MAX_SECONDS};
 
 use cli::operator::{Action, Target};
 use cli::pattern::Pattern;
@@ -73,6 +73,10 @@ struct Common {
     /// kill and signal]
     #[arg(long, value_name = "SECONDS")]
     timeout: Option<f64>,
+    /// Shared token of the pods, sent with on, off, kill, reset and signal [default:
+    /// ochopod_token or OCHOPOD_TOKEN]. Other users can read a flag in the process list
+    #[arg(long, value_name = "SECRET")]
+    token: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -106,7 +110,10 @@ struct SignalArgs {
 
 fn main() {
     let cli = Cli::parse();
-    ochopod::logging::init();
+    match cli.command {
+        Command::Run(_) => ochopod::logging::init(),
+        _ => ochopod::logging::init_with_default("warn"),
+    }
 
     let code = match cli.command {
         Command::Run(args) => cli::run::run(*args),
@@ -198,11 +205,22 @@ fn target(pattern: &str, common: &Common, default_timeout: Duration) -> Result<T
             ));
         }
     };
+    let token = common
+        .token
+        .clone()
+        .or_else(|| std::env::var("OCHOPOD_TOKEN").ok())
+        .or_else(|| std::env::var("ochopod_token").ok())
+        .filter(|token| !token.is_empty());
+    if let Some(token) = &token {
+        check_token(token).map_err(|expected| format!("invalid token: expected {expected}"))?;
+    }
+
     Ok(Target {
         zk,
         pattern,
         timeout,
         json: common.json,
+        token: token.map(Token::new),
     })
 }
 

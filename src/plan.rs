@@ -1,5 +1,5 @@
 //! The leader's decisions as plain functions over plain data: which clusters a dependency names,
-//! the hash that tells whether the cluster changed, and the view each pod gets.
+//! the hash that shows whether the cluster changed, and the view each pod gets.
 //!
 //! Keeping these apart from the actor lets them be tested without ZooKeeper, timers or threads.
 
@@ -38,6 +38,10 @@ impl Dependency {
 
     /// Returns the clusters among `clusters` (fully qualified names) this dependency names. A
     /// dependency without wildcards always names its one cluster, existing or not.
+    ///
+    /// A wildcard matches within one dot-separated name, like `*` within one directory of a
+    /// path: `kafka-*` in namespace `shop` names `shop.kafka-a` but not the cluster `b` of the
+    /// namespace `shop.kafka-a`. A glob `*` alone would match across dots.
     pub fn resolve(&self, clusters: &[String]) -> Vec<String> {
         if !self.wildcard {
             return vec![self.pattern.clone()];
@@ -45,9 +49,10 @@ impl Dependency {
         let Ok(pattern) = glob::Pattern::new(&self.pattern) else {
             return Vec::new();
         };
+        let names = self.pattern.split('.').count();
         clusters
             .iter()
-            .filter(|cluster| pattern.matches(cluster))
+            .filter(|cluster| cluster.split('.').count() == names && pattern.matches(cluster))
             .cloned()
             .collect()
     }
@@ -145,6 +150,25 @@ mod tests {
         assert_eq!(
             wildcard.resolve(&clusters),
             vec!["shop.kafka-a", "shop.kafka-b"]
+        );
+    }
+
+    #[test]
+    fn wildcard_stays_within_one_name() {
+        let clusters = vec![
+            "shop.kafka-a".to_string(),
+            "shop.kafka-a.web".to_string(),
+            "shop.staging.kafka-b".to_string(),
+            "infra.kafka-c".to_string(),
+        ];
+
+        let relative = Dependency::parse("kafka-*", "shop");
+        assert_eq!(relative.resolve(&clusters), vec!["shop.kafka-a"]);
+
+        let any_namespace = Dependency::parse("/*.kafka-*", "shop");
+        assert_eq!(
+            any_namespace.resolve(&clusters),
+            vec!["shop.kafka-a", "infra.kafka-c"]
         );
     }
 

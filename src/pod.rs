@@ -31,7 +31,7 @@ use crate::steps::{LifeCycle, Model};
 use crate::supervisor::{Forward, Supervisor, SupervisorConfig};
 use crate::telemetry::Telemetry;
 
-/// Why a pod cannot start.
+/// Failure to start a pod.
 #[derive(Debug, thiserror::Error)]
 pub enum PodError {
     #[error("{0}")]
@@ -40,7 +40,10 @@ pub enum PodError {
     Lifecycle(#[from] LifecycleError),
     #[error("{0}")]
     Hooks(#[from] HookError),
-    #[error("cannot listen on {address} for the control server: {source}; choose another `port` or free this one")]
+    #[error(
+        "cannot listen on {address} for the control server: {source}; free that port, or choose \
+         another with the `port` setting (or, with the local binding, its `PORT_<port>` remapping)"
+    )]
     Listen {
         address: SocketAddr,
         source: std::io::Error,
@@ -59,14 +62,14 @@ pub struct Pod {
     pub leader: Addr<Leader>,
     pub lifecycle: Addr<Lifecycle>,
     pub supervisor: Addr<Supervisor>,
-    /// Where the control server listens.
+    /// Address the control server listens on.
     pub control_address: SocketAddr,
     server: RunningControlServer,
 }
 
 impl Pod {
     /// Starts a pod with the given steps in the current actix `System`. `telemetry` receives
-    /// the pod's runtime facts (steps may read them); `on_dead` is told when the pod dies with
+    /// the pod's runtime facts (steps may read them); `on_dead` receives `PodDead` when the pod dies with
     /// `exit_when_dead` set.
     pub async fn start(
         settings: Settings,
@@ -144,6 +147,7 @@ impl Pod {
             sequential: settings.sequential,
             control_timeout: seconds(settings.control_timeout),
             probe_every: seconds(settings.probe_every),
+            token: settings.token.clone(),
         };
         let leader = Leader::new(
             leader_config,
@@ -189,17 +193,21 @@ impl Pod {
     }
 }
 
-/// Returns the address the control server binds: loopback for the local binding, where every
-/// pod is reached at 127.0.0.1, and every interface inside a container.
+/// Returns the address the control server binds. With the local binding it is the registered
+/// address (127.0.0.1 unless the `ip` setting names another one of this host), so the pod
+/// listens where the leader reaches it; inside a container it is every interface.
 fn listen_ip(identity: &Identity) -> IpAddr {
     if identity.binding == "local" {
-        IpAddr::V4(Ipv4Addr::LOCALHOST)
+        identity
+            .ip
+            .parse()
+            .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
     } else {
         IpAddr::V4(Ipv4Addr::UNSPECIFIED)
     }
 }
 
-/// What ends the binary's main loop.
+/// Event that ends the binary's main loop.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 enum Ending {

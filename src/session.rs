@@ -1,4 +1,4 @@
-//! The ZooKeeper session actor: owns the client, keeps the pod registered, and tells the other
+//! The ZooKeeper session actor: owns the client, keeps the pod registered, and notifies the other
 //! actors when the session comes, goes or comes back.
 //!
 //! It is the only place that maps the client's session states onto what the pod does:
@@ -18,6 +18,7 @@
 //! `create` fails with a connection loss, the node may exist anyway: the next attempt first
 //! looks for a child named after the key before creating another one.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,7 +36,7 @@ const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// How long a graceful close waits for ZooKeeper to confirm the node deletion.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// What the session actor tells its subscribers.
+/// Session change sent to the subscribers.
 #[derive(Clone, Debug, Message)]
 #[rtype(result = "()")]
 pub enum SessionEvent {
@@ -79,7 +80,7 @@ struct StateChanged {
     state: zk::SessionState,
 }
 
-/// Where and how to connect, fixed for the life of the actor.
+/// Connection settings, fixed for the life of the actor.
 #[derive(Clone, Debug)]
 pub struct SessionConfig {
     /// ZooKeeper connection string, with an optional chroot.
@@ -207,7 +208,7 @@ impl Session {
         });
     }
 
-    /// Creates the pod's node (or finds it), then tells the subscribers.
+    /// Creates the pod's node (or finds it), then notifies the subscribers.
     fn register(&mut self, ctx: &mut Context<Self>) {
         let Some(client) = self.client.clone() else {
             return;
@@ -464,19 +465,12 @@ async fn create_registration(
             } else {
                 None
             };
-            match found {
+            let data = serde_json::to_vec(&registration).expect("a registration always serializes");
+            let drawn = match found {
                 Some(seq) => seq,
-                None => {
-                    let sequential =
-                        zk::CreateMode::EphemeralSequential.with_acls(zk::Acls::anyone_all());
-                    let data = serde_json::to_vec(&registration)
-                        .expect("a registration always serializes");
-                    let (_, sequence) = client
-                        .create(&format!("{pods}/{key}."), &data, &sequential)
-                        .await?;
-                    sequence.into_i64()
-                }
-            }
+                None => create_sequential(client, &pods, key, &data).await?,
+            };
+            ensure_seq_unique(client, cluster, &pods, key, drawn, &data).await?
         }
     };
 
@@ -503,6 +497,101 @@ async fn create_registration(
         Err(err) => return Err(err),
     }
     Ok(seq)
+}
+
+/// Creates the ephemeral sequential node `pods/<key>.` and returns its sequence number.
+async fn create_sequential(
+    client: &zk::Client,
+    pods: &str,
+    key: &str,
+    data: &[u8],
+) -> Result<i64, zk::Error> {
+    let sequential = zk::CreateMode::EphemeralSequential.with_acls(zk::Acls::anyone_all());
+    let (_, sequence) = client
+        .create(&format!("{pods}/{key}."), data, &sequential)
+        .await?;
+    Ok(sequence.into_i64())
+}
+
+/// Returns a seq for a new pod that no other pod holds, starting from `drawn`, the sequence
+/// number of the pod's node `pods/<key>.<drawn>`.
+///
+/// ZooKeeper numbers sequential nodes from a counter of the parent znode, which counts child
+/// creations. When `pods/` is created anew, because the servers lost their data or an operator
+/// deleted the cluster, the counter starts again from 0. The pods of the lost state register
+/// again with their old seqs, so a new pod can draw a seq another pod holds. Such a seq is
+/// given back (its node deleted), the counter is moved past the highest seq in use, and a new
+/// node is drawn, so the pods that join later get seqs above every older one again.
+///
+/// Only an exact collision counts: a seq above `drawn` may come from a pod that registered at
+/// the same time from the same counter. A child named with an absurd seq (written by hand) is
+/// only avoided, not passed, so it cannot stall the registration.
+async fn ensure_seq_unique(
+    client: &zk::Client,
+    cluster: &str,
+    pods: &str,
+    key: &str,
+    mut drawn: i64,
+    data: &[u8],
+) -> Result<i64, zk::Error> {
+    loop {
+        let children = client.list_children(pods).await?;
+        let taken: BTreeSet<i64> = children
+            .iter()
+            .filter_map(|child| parse_child_name(child))
+            .filter(|(owner, _)| *owner != key)
+            .map(|(_, seq)| seq)
+            .collect();
+        if !taken.contains(&drawn) {
+            return Ok(drawn);
+        }
+
+        let highest = taken.last().copied().unwrap_or(drawn);
+        warn!(
+            "cluster {cluster}: drawn seq {drawn} is held by another pod (the pods znode was \
+             created anew); drawing another one above seq {highest}"
+        );
+        client
+            .delete(&format!("{pods}/{}", child_name(key, drawn)), None)
+            .await
+            .or_else(ignore_no_node)?;
+        // The counter is at drawn + 1 or more, so highest - drawn more creations pass highest.
+        let steps = highest - drawn;
+        if steps <= MAX_COUNTER_ADVANCE {
+            advance_counter(client, pods, key, steps).await?;
+        }
+        drawn = create_sequential(client, pods, key, data).await?;
+    }
+}
+
+/// Largest move of the `pods/` counter made to keep seqs growing, in counter steps.
+const MAX_COUNTER_ADVANCE: i64 = 100_000;
+
+/// Largest number of create and delete pairs sent in one multi request by `advance_counter`.
+const ADVANCE_BATCH: i64 = 500;
+
+/// Moves the sequence counter of `pods` forward by `steps`, creating and deleting a scratch
+/// child `steps` times: ZooKeeper counts every creation of a child.
+async fn advance_counter(
+    client: &zk::Client,
+    pods: &str,
+    key: &str,
+    steps: i64,
+) -> Result<(), zk::Error> {
+    let scratch = format!("{pods}/{key}.advance");
+    let ephemeral = zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all());
+    let mut left = steps;
+    while left > 0 {
+        let pairs = left.min(ADVANCE_BATCH);
+        let mut writer = client.new_multi_writer();
+        for _ in 0..pairs {
+            writer.add_create(&scratch, b"", &ephemeral)?;
+            writer.add_delete(&scratch, None)?;
+        }
+        writer.commit().await?;
+        left -= pairs;
+    }
+    Ok(())
 }
 
 /// Finds the seq of the pod's node among the children of `pods`.

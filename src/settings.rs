@@ -7,6 +7,7 @@
 //! error; `Settings::load` stops at the first one.
 
 mod source;
+mod token;
 mod value;
 
 #[cfg(test)]
@@ -20,6 +21,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use source::{Sources, KEYS};
+pub use token::{check_token, Token, MAX_TOKEN_CHARS, MIN_TOKEN_CHARS, REDACTED};
 pub use value::MAX_SECONDS;
 
 /// Every setting of a pod, after merging and validation.
@@ -45,6 +47,9 @@ pub struct Settings {
     pub ip: Option<String>,
     /// Exit the agent once the pod is dead, instead of idling.
     pub exit_when_dead: bool,
+    /// Shared secret that `/control/*` and `/reset` requests must carry; none means open.
+    /// Printed as a placeholder by `Debug` and `Serialize`.
+    pub token: Option<Token>,
 
     // Model settings (leader behaviour).
     /// Seconds the leader waits after a change before configuring.
@@ -116,6 +121,7 @@ impl Default for Settings {
             session_timeout: 10.0,
             ip: None,
             exit_when_dead: false,
+            token: None,
             damper: 0.0,
             depends_on: Vec::new(),
             full_shutdown: false,

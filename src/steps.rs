@@ -23,7 +23,7 @@ impl StepError {
     }
 }
 
-/// The sub-process a `configure` step asks for.
+/// Sub-process returned by a `configure` step.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SubCommand {
     /// Program and arguments; with `shell`, a single string run through `/bin/sh -c`.
@@ -36,7 +36,7 @@ pub struct SubCommand {
     pub cwd: Option<PathBuf>,
 }
 
-/// What the `tear_down` step did.
+/// Outcome of the `tear_down` step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TearDown {
     /// The step stopped nothing: the agent sends SIGTERM, then SIGKILL after the grace.

@@ -9,7 +9,10 @@
 //! restarts and metrics go to the telemetry.
 //!
 //! Every child goes through [`crate::reaper::spawn`], so the supervisor never waits on a pid
-//! itself: the reaper resolves each child's exit future and the actor reacts to it.
+//! itself: the reaper resolves each child's exit future and the actor reacts to it. Signals for
+//! the group also reach the daemons that left it (see [`Run`]).
+
+mod run;
 
 use std::io::{BufRead, BufReader, Read};
 use std::mem;
@@ -26,10 +29,13 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::sync::oneshot;
 
+pub use run::RUN_ID_VARIABLE;
+
 use crate::reaper::{self, Exit};
 use crate::settings::{seconds, Settings};
 use crate::steps::{LifeCycle, SubCommand, TearDown};
 use crate::telemetry::{ProcessState, Telemetry};
+use run::Run;
 
 /// Delay before restarting a sub-process that crashed for the first time in a row; each further
 /// crash in a row doubles it, up to [`MAX_RESTART_DELAY`].
@@ -44,6 +50,13 @@ pub const STABLE_RUN: Duration = Duration::from_secs(60);
 
 /// Time between two checks of whether a process group is gone during a tear-down.
 const GROUP_POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Time between two searches for processes that left the group, once the group is gone; each
+/// search reads the process table.
+const ESCAPED_POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Environment variable of the shared token (in any case), which sub-processes do not inherit.
+const TOKEN_VARIABLE: &str = "ochopod_token";
 
 /// Maximum length in bytes of one logged line of sub-process output; longer lines are split.
 const MAX_LOGGED_LINE: u64 = 16 * 1024;
@@ -143,22 +156,22 @@ pub enum SupervisorError {
 
 /// State of the sub-process, as tracked by the supervisor.
 enum Process {
-    /// Nothing supervised. `group` is the process group of the last sub-process when it exited
-    /// with code 0: children it left behind still count and are torn down by the next `Stop`.
+    /// Nothing supervised. `last` is the last run when its sub-process exited with code 0:
+    /// processes it left behind still count and are torn down by the next `Stop`.
     Idle {
-        group: Option<u32>,
+        last: Option<Run>,
     },
     Running(Child),
-    /// The sub-process crashed; `timer` starts `command` again. `group` is the old group, whose
-    /// remaining members are killed before the restart.
+    /// The sub-process crashed; `timer` starts `command` again. `run` is the crashed run, whose
+    /// remaining processes are killed before the restart.
     Restarting {
         command: SubCommand,
-        group: u32,
+        run: Run,
         timer: SpawnHandle,
     },
-    /// A tear-down is under way; `waiters` resolve once the group is gone.
+    /// A tear-down is under way; `waiters` resolve once every process of `run` is gone.
     Stopping {
-        group: u32,
+        run: Run,
         waiters: Vec<oneshot::Sender<()>>,
     },
 }
@@ -166,10 +179,21 @@ enum Process {
 struct Child {
     /// Pid of the sub-process, which is also its process group id.
     pid: u32,
+    /// Value of [`RUN_ID_VARIABLE`] in the environment of the sub-process.
+    run_id: String,
     command: SubCommand,
     started: Instant,
     /// Tells the exit of this process from the exit of one it replaced.
     generation: u64,
+}
+
+impl Child {
+    fn run(&self) -> Run {
+        Run {
+            group: self.pid,
+            id: self.run_id.clone(),
+        }
+    }
 }
 
 /// State of the sanity checks.
@@ -214,7 +238,7 @@ impl Supervisor {
             steps,
             telemetry,
             events,
-            process: Process::Idle { group: None },
+            process: Process::Idle { last: None },
             generation: 0,
             restart_delay,
             health: Health::default(),
@@ -227,7 +251,8 @@ impl Supervisor {
         command: SubCommand,
         ctx: &mut Context<Self>,
     ) -> Result<u32, SupervisorError> {
-        let mut process = build_command(&command, &pod_facts(&self.telemetry))?;
+        let run_id = Run::new_id();
+        let mut process = build_command(&command, &pod_facts(&self.telemetry), &run_id)?;
         if self.config.pipe_subprocess {
             process.stdout(Stdio::piped()).stderr(Stdio::piped());
         }
@@ -257,6 +282,7 @@ impl Supervisor {
         );
         self.process = Process::Running(Child {
             pid,
+            run_id,
             command,
             started: Instant::now(),
             generation,
@@ -267,7 +293,7 @@ impl Supervisor {
 
     /// Reacts to the exit of a sub-process: done on code 0, restart otherwise.
     fn handle_exit(&mut self, pid: u32, generation: u64, exit: Exit, ctx: &mut Context<Self>) {
-        let child = match mem::replace(&mut self.process, Process::Idle { group: None }) {
+        let child = match mem::replace(&mut self.process, Process::Idle { last: None }) {
             Process::Running(child) if child.generation == generation => child,
             other => {
                 // Torn down on request, or replaced: the exit needs no reaction.
@@ -280,24 +306,27 @@ impl Supervisor {
         };
         let ran = child.started.elapsed();
 
-        // Exit code 0: the work is done. Children the sub-process left in its group stay until
-        // the lifecycle stops the group.
+        // Exit code 0: the work is done. Processes the sub-process left behind stay until the
+        // lifecycle stops the run.
         if exit.success() {
             info!("[pid {pid}] completed after {ran:.1?}");
             self.stop_checks(ctx);
-            self.process = Process::Idle { group: Some(pid) };
+            self.process = Process::Idle {
+                last: Some(child.run()),
+            };
             self.publish(ProcessState::Stopped, None);
             self.events.do_send(ProcessEvent::Completed { pid });
             return;
         }
 
-        // A crash: ask what is left of the group to stop, and start the command again later.
+        // A crash: ask what is left of the run to stop, and start the command again later.
         if ran >= self.config.stable_run {
             self.restart_delay = self.config.first_restart_delay;
         }
-        send_group(pid, Signal::SIGTERM);
+        let run = child.run();
+        signal_in_background(run.clone(), Signal::SIGTERM);
         self.health.crashed = true;
-        let delay = self.schedule_restart(child.command, pid, ctx);
+        let delay = self.schedule_restart(child.command, run, ctx);
         warn!("[pid {pid}] exited with {exit} after {ran:.1?}; restarting in {delay:.1?}");
         self.publish(ProcessState::Stopped, None);
     }
@@ -306,7 +335,7 @@ impl Supervisor {
     fn schedule_restart(
         &mut self,
         command: SubCommand,
-        group: u32,
+        run: Run,
         ctx: &mut Context<Self>,
     ) -> Duration {
         let delay = self.restart_delay;
@@ -314,22 +343,26 @@ impl Supervisor {
         let timer = ctx.run_later(delay, |supervisor, ctx| supervisor.restart(ctx));
         self.process = Process::Restarting {
             command,
-            group,
+            run,
             timer,
         };
         delay
     }
 
     fn restart(&mut self, ctx: &mut Context<Self>) {
-        let Process::Restarting { command, group, .. } =
-            mem::replace(&mut self.process, Process::Idle { group: None })
-        else {
-            return;
+        // A timer that fires after a `Stop` took over must leave the tear-down, and the requests
+        // waiting for it, in place.
+        let (command, run) = match mem::replace(&mut self.process, Process::Idle { last: None }) {
+            Process::Restarting { command, run, .. } => (command, run),
+            other => {
+                self.process = other;
+                return;
+            }
         };
 
-        // Members of the crashed group had the whole restart delay to stop after SIGTERM.
+        // Processes of the crashed run had the whole restart delay to stop after SIGTERM.
         if !self.config.soft {
-            send_group(group, Signal::SIGKILL);
+            signal_in_background(run.clone(), Signal::SIGKILL);
         }
 
         match self.start(command.clone(), ctx) {
@@ -345,23 +378,30 @@ impl Supervisor {
             }
             Err(error) => {
                 self.health.crashed = true;
-                let delay = self.schedule_restart(command, group, ctx);
+                let group = run.group;
+                let delay = self.schedule_restart(command, run, ctx);
                 warn!("[pid {group}] restart failed: {error}; next attempt in {delay:.1?}");
             }
         }
     }
 
-    /// Moves to `Stopping` and runs the tear-down of `group` in the background. While the leader
-    /// runs, the `tear_down` step goes first. Unless the step stops the process itself, the group
-    /// gets SIGTERM, and SIGKILL once the grace period is over unless `soft`.
+    /// Moves to `Stopping` and runs the tear-down of `run` in the background. While the leader
+    /// runs, the `tear_down` step goes first. Unless the step stops the process itself, the run
+    /// gets SIGTERM, and SIGKILL once the grace period is over unless `soft`. Processes that
+    /// left the group get the same signals, and SIGTERM as soon as the group is gone when the
+    /// step stopped the sub-process.
     fn begin_stop(
         &mut self,
         leader: Option<u32>,
-        group: u32,
+        run: Run,
         waiters: Vec<oneshot::Sender<()>>,
         ctx: &mut Context<Self>,
     ) {
-        self.process = Process::Stopping { group, waiters };
+        let group = run.group;
+        self.process = Process::Stopping {
+            run: run.clone(),
+            waiters,
+        };
         self.publish(ProcessState::Terminating, leader);
         info!("[pid {group}] tearing down process group {group}");
 
@@ -377,19 +417,25 @@ impl Supervisor {
                 None => false,
             };
             if !requested {
-                send_group(group, Signal::SIGTERM);
+                signal_run(run.clone(), Signal::SIGTERM).await;
             }
             if wait_group_gone(group, Some(deadline)).await {
-                return;
+                if requested {
+                    signal_run(run.clone(), Signal::SIGTERM).await;
+                }
+                if wait_escaped_gone(&run, Some(deadline)).await {
+                    return;
+                }
             }
 
             if soft {
                 warn!("[pid {group}] still running {grace:.1?} after the tear-down began; soft: waiting without SIGKILL");
             } else {
                 warn!("[pid {group}] still running {grace:.1?} after the tear-down began; sending SIGKILL");
-                send_group(group, Signal::SIGKILL);
+                signal_run(run.clone(), Signal::SIGKILL).await;
             }
             wait_group_gone(group, None).await;
+            wait_escaped_gone(&run, None).await;
         };
         ctx.spawn(
             tear_down
@@ -400,7 +446,7 @@ impl Supervisor {
 
     fn finish_stop(&mut self, group: u32) {
         let Process::Stopping { waiters, .. } =
-            mem::replace(&mut self.process, Process::Idle { group: None })
+            mem::replace(&mut self.process, Process::Idle { last: None })
         else {
             unreachable!("only the tear-down of process group {group} leaves the Stopping state");
         };
@@ -524,13 +570,14 @@ impl Actor for Supervisor {
     /// [`Stop`] (its system shut down), so the sub-process does not outlive its supervisor
     /// unnoticed. Nothing waits for the group to go.
     fn stopped(&mut self, _: &mut Self::Context) {
-        let group = match &self.process {
-            Process::Running(child) => child.pid,
-            Process::Restarting { group, .. } | Process::Stopping { group, .. } => *group,
+        let run = match &self.process {
+            Process::Running(child) => child.run(),
+            Process::Restarting { run, .. } | Process::Stopping { run, .. } => run.clone(),
             Process::Idle { .. } => return,
         };
+        let group = run.group;
         warn!("[pid {group}] supervisor stopped while process group {group} was supervised; sending SIGTERM");
-        send_group(group, Signal::SIGTERM);
+        run.signal(Signal::SIGTERM);
     }
 }
 
@@ -540,10 +587,14 @@ impl Handler<Spawn> for Supervisor {
     fn handle(&mut self, Spawn(command): Spawn, ctx: &mut Self::Context) -> Self::Result {
         match &self.process {
             Process::Running(Child { pid: group, .. })
-            | Process::Restarting { group, .. }
-            | Process::Stopping { group, .. } => {
-                return Err(SupervisorError::Busy { group: *group })
+            | Process::Restarting {
+                run: Run { group, .. },
+                ..
             }
+            | Process::Stopping {
+                run: Run { group, .. },
+                ..
+            } => return Err(SupervisorError::Busy { group: *group }),
             Process::Idle { .. } => {}
         }
 
@@ -563,34 +614,26 @@ impl Handler<Stop> for Supervisor {
         let (sender, receiver) = oneshot::channel();
         self.stop_checks(ctx);
 
-        match mem::replace(&mut self.process, Process::Idle { group: None }) {
-            // Nothing ran, or the last sub-process completed and left nothing behind.
-            Process::Idle { group: None } => {
+        match mem::replace(&mut self.process, Process::Idle { last: None }) {
+            // Nothing ran.
+            Process::Idle { last: None } => {
                 let _ = sender.send(());
             }
-            Process::Idle { group: Some(group) } => {
-                if group_alive(group) {
-                    self.begin_stop(None, group, vec![sender], ctx);
-                } else {
-                    let _ = sender.send(());
-                }
-            }
+            // The last sub-process completed; what it left behind goes now. The tear-down ends
+            // at once when nothing is left.
+            Process::Idle { last: Some(run) } => self.begin_stop(None, run, vec![sender], ctx),
             Process::Running(child) => {
-                self.begin_stop(Some(child.pid), child.pid, vec![sender], ctx)
+                self.begin_stop(Some(child.pid), child.run(), vec![sender], ctx)
             }
-            Process::Restarting { group, timer, .. } => {
+            Process::Restarting { run, timer, .. } => {
                 ctx.cancel_future(timer);
                 self.publish(ProcessState::Stopped, None);
-                if group_alive(group) {
-                    self.begin_stop(None, group, vec![sender], ctx);
-                } else {
-                    let _ = sender.send(());
-                }
+                self.begin_stop(None, run, vec![sender], ctx);
             }
             // A tear-down is already under way: wait for the same one.
-            Process::Stopping { group, mut waiters } => {
+            Process::Stopping { run, mut waiters } => {
                 waiters.push(sender);
-                self.process = Process::Stopping { group, waiters };
+                self.process = Process::Stopping { run, waiters };
             }
         }
 
@@ -604,7 +647,7 @@ impl Handler<Forward> for Supervisor {
     fn handle(&mut self, Forward(signal): Forward, _: &mut Self::Context) -> Self::Result {
         let group = match &self.process {
             Process::Running(child) => child.pid,
-            Process::Stopping { group, .. } => *group,
+            Process::Stopping { run, .. } => run.group,
             Process::Idle { .. } | Process::Restarting { .. } => {
                 return Err(SupervisorError::NotRunning)
             }
@@ -642,8 +685,13 @@ pub fn pod_facts(telemetry: &Telemetry) -> String {
 }
 
 /// Builds the command of a sub-process: its own process group (so a tear-down reaches every
-/// process it started), no stdin, the agent's environment plus `ochopod` and the command's own.
-fn build_command(command: &SubCommand, facts: &str) -> Result<Command, SupervisorError> {
+/// process it started), no stdin, the agent's environment without the shared token, plus
+/// `ochopod`, the run id and the command's own.
+fn build_command(
+    command: &SubCommand,
+    facts: &str,
+    run_id: &str,
+) -> Result<Command, SupervisorError> {
     let Some(program) = command.argv.first() else {
         return Err(SupervisorError::EmptyCommand);
     };
@@ -661,8 +709,16 @@ fn build_command(command: &SubCommand, facts: &str) -> Result<Command, Superviso
     process
         .process_group(0)
         .stdin(Stdio::null())
-        .env("ochopod", facts)
-        .envs(&command.env);
+        .env("ochopod", facts);
+    // The workload has no use for the control API's secret; hooks, which are the operator's own
+    // code, keep it.
+    for (name, _) in std::env::vars_os() {
+        if name.eq_ignore_ascii_case(TOKEN_VARIABLE) {
+            process.env_remove(name);
+        }
+    }
+    // The run id comes last, so that no `configure` output can replace it.
+    process.envs(&command.env).env(RUN_ID_VARIABLE, run_id);
     if let Some(cwd) = &command.cwd {
         process.current_dir(cwd);
     }
@@ -708,17 +764,23 @@ async fn run_tear_down_step(steps: &dyn LifeCycle, pid: u32, deadline: Instant) 
     }
 }
 
-/// Sends `signal` to every process of `group`; a group already gone is not an error.
-fn send_group(group: u32, signal: Signal) {
-    match killpg(Pid::from_raw(group as i32), signal) {
-        Ok(()) => debug!("[pid {group}] sent {signal} to process group {group}"),
-        Err(Errno::ESRCH) => {}
-        Err(errno) => warn!("[pid {group}] cannot send {signal} to process group {group}: {errno}"),
+/// Sends `signal` to every process of `run`, reading the process table on a blocking thread.
+async fn signal_run(run: Run, signal: Signal) {
+    let group = run.group;
+    if tokio::task::spawn_blocking(move || run.signal(signal))
+        .await
+        .is_err()
+    {
+        warn!("[pid {group}] the thread sending {signal} to process group {group} failed");
     }
 }
 
-/// Tells whether any process, zombies included, is left in `group`. Zombies vanish quickly
-/// because the reaper collects every child, orphans included.
+/// Sends `signal` to every process of `run` without waiting, from a synchronous handler.
+fn signal_in_background(run: Run, signal: Signal) {
+    actix::spawn(signal_run(run, signal));
+}
+
+/// Tells whether any process, zombies included, is left in `group`.
 fn group_alive(group: u32) -> bool {
     // Signal 0 only checks for existence; EPERM still means a process exists.
     killpg(Pid::from_raw(group as i32), None) != Err(Errno::ESRCH)
@@ -726,11 +788,38 @@ fn group_alive(group: u32) -> bool {
 
 /// Polls until `group` is gone; returns false when `deadline` passes first.
 async fn wait_group_gone(group: u32, deadline: Option<Instant>) -> bool {
+    wait_for(GROUP_POLL_INTERVAL, deadline, || async move {
+        !group_alive(group)
+    })
+    .await
+}
+
+/// Polls until no process that left the group of `run` is left; returns false when `deadline`
+/// passes first.
+async fn wait_escaped_gone(run: &Run, deadline: Option<Instant>) -> bool {
+    wait_for(ESCAPED_POLL_INTERVAL, deadline, || {
+        let run = run.clone();
+        async move {
+            tokio::task::spawn_blocking(move || run.escaped().is_empty())
+                .await
+                .unwrap_or(true)
+        }
+    })
+    .await
+}
+
+/// Evaluates `done` every `interval` until it returns true; returns false when `deadline`
+/// passes first.
+async fn wait_for<F, Done>(interval: Duration, deadline: Option<Instant>, mut done: F) -> bool
+where
+    F: FnMut() -> Done,
+    Done: std::future::Future<Output = bool>,
+{
     loop {
-        if !group_alive(group) {
+        if done().await {
             return true;
         }
-        let mut pause = GROUP_POLL_INTERVAL;
+        let mut pause = interval;
         if let Some(deadline) = deadline {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {

@@ -94,6 +94,12 @@ pub struct Facts {
     pub pid: Option<u32>,
     /// Highest leader epoch this pod has obeyed.
     pub epoch: i64,
+    /// End of the leader's lease, set by the leader actor to a share of the session timeout
+    /// after the last request ZooKeeper confirmed, so ZooKeeper cannot have expired the session
+    /// before it. Past it, a leader role reads as `Follower`, so a leader that was frozen or
+    /// cut off stops reporting the lead before another pod may take it. `None` leaves the role
+    /// as written.
+    pub leader_lease: Option<Instant>,
 }
 
 /// Shared, single-writer-per-field facts plus request counters.
@@ -124,12 +130,21 @@ impl Default for Telemetry {
 }
 
 impl Telemetry {
-    /// Returns a copy of the current facts.
+    /// Returns a copy of the current facts, with a leader role whose lease ended read as
+    /// `Follower`.
     pub fn facts(&self) -> Facts {
-        self.facts
+        let mut facts = self
+            .facts
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+            .clone();
+        if facts
+            .leader_lease
+            .is_some_and(|lease| Instant::now() >= lease)
+        {
+            facts.role = Role::Follower;
+        }
+        facts
     }
 
     /// Changes the facts under the lock; `change` must be short.

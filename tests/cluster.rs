@@ -122,7 +122,13 @@ fn three_pods_form_cluster() {
     let server = shared_server();
     let namespace = unique_namespace("form");
     let root = tempfile::tempdir().unwrap();
-    let spec = || PodSpec::new(&server.connect_string(), &namespace, "web").shell(RECORDER);
+    // The damper gathers the three registrations into one round, so each sub-process starts
+    // once, with the whole cluster, even when the pods start seconds apart on a busy machine.
+    let spec = || {
+        PodSpec::new(&server.connect_string(), &namespace, "web")
+            .env("ochopod_damper", "3")
+            .shell(RECORDER)
+    };
     let pods = start_pods(root.path(), spec, &["a", "b", "c"]);
 
     wait_formed(&pods);
@@ -164,6 +170,7 @@ fn join_fourth(strict: bool) {
     let spec = || {
         PodSpec::new(&server.connect_string(), &namespace, "web")
             .env("ochopod_strict", if strict { "true" } else { "false" })
+            .env("ochopod_damper", "3")
             .shell(RECORDER)
     };
     let mut pods = start_pods(root.path(), spec, &["a", "b", "c"]);

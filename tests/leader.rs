@@ -161,6 +161,7 @@ fn start_leader(cluster: &str, damper: Duration) -> Addr<Leader> {
         sequential: false,
         control_timeout: Duration::from_secs(5),
         probe_every: Duration::ZERO,
+        token: None,
     };
     let sink = StatusSink.start();
     Leader::new(

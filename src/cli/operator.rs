@@ -10,11 +10,12 @@ use std::time::Duration;
 use awc::http::Method;
 use futures::future::join_all;
 use ochopod::cluster::Pods;
-use ochopod::control::{self, SendError};
+use ochopod::control::{self, Credentials, SendError};
 use ochopod::layout;
 use ochopod::lifecycle::Verb;
 use ochopod::plan::{self, Dependency};
 use ochopod::registration::Registration;
+use ochopod::settings::Token;
 use serde_json::{json, Value};
 use zookeeper_client as zk;
 
@@ -29,6 +30,8 @@ pub struct Target {
     pub timeout: Duration,
     /// Print JSON instead of text.
     pub json: bool,
+    /// Shared token sent with the requests that change pods.
+    pub token: Option<Token>,
 }
 
 /// The action an operator command performs on each pod.
@@ -161,7 +164,7 @@ pub async fn act(target: Target, action: Action) -> i32 {
 
     let requests = found.targets.iter().map(|pod| {
         let body = bodies.get(&pod.key).cloned().unwrap_or_else(|| json!({}));
-        perform(&http, pod, &action, body, target.timeout)
+        perform(&http, pod, &action, body, &target)
     });
     let replies = join_all(requests).await;
 
@@ -193,13 +196,20 @@ pub async fn act(target: Target, action: Action) -> i32 {
     i32::from(failures > 0)
 }
 
+/// Performs `action` on `pod`. Only the requests that change the pod carry the token, so it
+/// does not travel where no pod requires it.
 async fn perform(
     http: &awc::Client,
     pod: &Pod,
     action: &Action,
     body: Value,
-    timeout: Duration,
+    target: &Target,
 ) -> Result<(u16, Value), SendError> {
+    let timeout = target.timeout;
+    let credentials = Credentials {
+        epoch: None,
+        token: target.token.clone(),
+    };
     match action {
         Action::Info => get(http, pod, "/info", timeout).await,
         Action::Log => get(http, pod, "/log", timeout).await,
@@ -210,7 +220,7 @@ async fn perform(
                 &pod.address(),
                 "/reset",
                 timeout,
-                None,
+                &credentials,
                 None,
             )
             .await
@@ -221,13 +231,13 @@ async fn perform(
                 &pod.address(),
                 Verb::Signal,
                 timeout,
-                None,
+                &credentials,
                 signal_body,
             )
             .await
         }
         Action::Control(verb, _) => {
-            control::send(http, &pod.address(), *verb, timeout, None, &body).await
+            control::send(http, &pod.address(), *verb, timeout, &credentials, &body).await
         }
     }
 }
@@ -238,7 +248,17 @@ async fn get(
     path: &str,
     timeout: Duration,
 ) -> Result<(u16, Value), SendError> {
-    control::request(http, Method::GET, &pod.address(), path, timeout, None, None).await
+    let open = Credentials::default();
+    control::request(
+        http,
+        Method::GET,
+        &pod.address(),
+        path,
+        timeout,
+        &open,
+        None,
+    )
+    .await
 }
 
 /// Builds the cluster view each target pod gets with `on`, `check` or `ok`, as its leader

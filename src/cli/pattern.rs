@@ -40,7 +40,7 @@ impl Pattern {
     }
 
     pub fn matches_seq(&self, seq: i64) -> bool {
-        self.seq.map_or(true, |wanted| wanted == seq)
+        self.seq.is_none_or(|wanted| wanted == seq)
     }
 
     pub fn as_str(&self) -> &str {

@@ -75,6 +75,10 @@ setting_flags! {
     /// Exit once the pod is dead instead of idling [default: false]
     #[arg(value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     exit_when_dead,
+    /// Shared secret that /control and /reset requests must carry [default: none, open].
+    /// Prefer ochopod_token or the file: other users can read a flag in the process list
+    #[arg(value_name = "SECRET")]
+    token,
     /// Seconds the leader waits after a change before configuring [default: 0]
     #[arg(value_name = "SECONDS")]
     damper,

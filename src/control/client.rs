@@ -3,10 +3,12 @@
 
 use std::time::Duration;
 
+use awc::http::header::AUTHORIZATION;
 use awc::http::Method;
 
 use super::EPOCH_HEADER;
 use crate::lifecycle::Verb;
+use crate::settings::Token;
 
 /// Largest reply body read; a pod's largest reply is `/log`, at most 32 KiB of lines.
 const MAX_REPLY_BYTES: usize = 4 * 1024 * 1024;
@@ -14,6 +16,15 @@ const MAX_REPLY_BYTES: usize = 4 * 1024 * 1024;
 /// Extra time a control request waits past its own timeout, so that the pod's 408 reply, sent
 /// when the timeout expires on its side, arrives before the client gives up.
 const REPLY_MARGIN: Duration = Duration::from_secs(2);
+
+/// Facts about the sender that a request carries: the epoch of the leader that sends it, and
+/// the shared token of the cluster, sent as `Authorization: Bearer`.
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    /// Absent for operators and tools, which are not leaders.
+    pub epoch: Option<i64>,
+    pub token: Option<Token>,
+}
 
 /// Failure to get a usable reply. A reply with an error status is not a failure here, because
 /// the caller gets the status and the body.
@@ -31,8 +42,8 @@ pub enum SendError {
     },
 }
 
-/// Sends `POST /control/<verb>/<timeout>` to the pod at `address` (`ip:port`) with `body` and,
-/// from a leader, its `epoch`; returns the reply status and JSON body. The request waits for
+/// Sends `POST /control/<verb>/<timeout>` to the pod at `address` (`ip:port`) with `body` and
+/// `credentials`; returns the reply status and JSON body. The request waits for
 /// `timeout` plus a margin, so a pod that runs out of time replies 408 instead of the client
 /// timing out.
 pub async fn send(
@@ -40,7 +51,7 @@ pub async fn send(
     address: &str,
     verb: Verb,
     timeout: Duration,
-    epoch: Option<i64>,
+    credentials: &Credentials,
     body: &serde_json::Value,
 ) -> Result<(u16, serde_json::Value), SendError> {
     let path = format!("/control/{}/{}", verb.as_str(), timeout.as_secs_f64());
@@ -50,7 +61,7 @@ pub async fn send(
         address,
         &path,
         timeout + REPLY_MARGIN,
-        epoch,
+        credentials,
         Some(body),
     )
     .await
@@ -64,14 +75,17 @@ pub async fn request(
     address: &str,
     path: &str,
     timeout: Duration,
-    epoch: Option<i64>,
+    credentials: &Credentials,
     body: Option<&serde_json::Value>,
 ) -> Result<(u16, serde_json::Value), SendError> {
     let url = format!("http://{address}{path}");
     let exchange = async {
         let mut request = client.request(method, &url).timeout(timeout);
-        if let Some(epoch) = epoch {
+        if let Some(epoch) = credentials.epoch {
             request = request.insert_header((EPOCH_HEADER, epoch.to_string()));
+        }
+        if let Some(token) = &credentials.token {
+            request = request.insert_header((AUTHORIZATION, format!("Bearer {}", token.expose())));
         }
         let sent = match body {
             Some(body) => request.send_json(body).await,

@@ -9,6 +9,7 @@ use serde_json::Value;
 use super::*;
 use crate::lifecycle::ControlError;
 use crate::registration::Registration;
+use crate::settings::Token;
 use crate::telemetry::Role;
 
 /// Control requests the fake lifecycle received: verb, body and epoch.
@@ -79,6 +80,11 @@ struct Harness {
 
 impl Harness {
     fn start() -> Harness {
+        Harness::start_with_token(None)
+    }
+
+    /// Starts a server whose `/control/*` and `/reset` require `token`, when given.
+    fn start_with_token(token: Option<&str>) -> Harness {
         let telemetry = Arc::new(Telemetry::default());
         let received = Received::default();
         let resets = Arc::new(AtomicUsize::new(0));
@@ -94,6 +100,7 @@ impl Harness {
             namespace: "test.ns".to_string(),
             cluster: "web".to_string(),
             depends_on: vec!["db".to_string()],
+            token: token.map(Token::new),
             ..Settings::default()
         };
 
@@ -485,7 +492,10 @@ async fn client_send_carries_epoch_and_timeout() {
         &address,
         Verb::Check,
         Duration::from_secs(5),
-        Some(3),
+        &Credentials {
+            epoch: Some(3),
+            token: None,
+        },
         &body,
     )
     .await
@@ -500,7 +510,7 @@ async fn client_send_carries_epoch_and_timeout() {
         &address,
         Verb::On,
         Duration::from_millis(200),
-        None,
+        &Credentials::default(),
         &slow,
     )
     .await
@@ -513,7 +523,7 @@ async fn client_send_carries_epoch_and_timeout() {
         &address,
         "/info",
         Duration::from_secs(5),
-        None,
+        &Credentials::default(),
         None,
     )
     .await
@@ -529,7 +539,7 @@ async fn client_send_carries_epoch_and_timeout() {
         &closed,
         "/info",
         Duration::from_secs(5),
-        None,
+        &Credentials::default(),
         None,
     )
     .await
@@ -541,4 +551,157 @@ async fn client_send_carries_epoch_and_timeout() {
 fn unused_address() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().to_string()
+}
+
+const TOKEN: &str = "s3cret-t0ken-for-tests-0123456789";
+
+/// Sends a request with extra headers and returns the status, the `WWW-Authenticate` header and
+/// the body as JSON.
+async fn call_with_headers(
+    harness: &Harness,
+    path: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, Value) {
+    let mut request = harness
+        .client
+        .post(harness.url(path))
+        .timeout(Duration::from_secs(10));
+    for (name, value) in headers {
+        request = request.insert_header((*name, *value));
+    }
+    let mut response = request.send_body(body.to_string()).await.unwrap();
+    let challenge = response
+        .headers()
+        .get("www-authenticate")
+        .map(|value| value.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let bytes = response.body().await.unwrap();
+    let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (response.status().as_u16(), challenge, value)
+}
+
+#[actix::test]
+async fn token_required_on_control_and_reset() {
+    let harness = Harness::start_with_token(Some(TOKEN));
+    let bearer = format!("Bearer {TOKEN}");
+    let wrong = "Bearer not-the-token-at-all-0000000".to_string();
+
+    for path in ["/control/check", "/control/nonsense", "/reset"] {
+        let (status, challenge, reply) = call_with_headers(&harness, path, "{}", &[]).await;
+        assert_eq!(status, 401, "{path}: {reply}");
+        assert!(challenge.starts_with("Bearer"), "{path}: {challenge}");
+        assert!(
+            error_text(&reply).contains("missing credentials"),
+            "{reply}"
+        );
+
+        let (status, _, reply) =
+            call_with_headers(&harness, path, "{}", &[("Authorization", &wrong)]).await;
+        assert_eq!(status, 401, "{path}: {reply}");
+        assert!(
+            error_text(&reply).contains("invalid credentials"),
+            "{reply}"
+        );
+        assert!(!reply.to_string().contains(TOKEN), "{reply}");
+    }
+    assert!(harness.received.lock().unwrap().is_empty());
+    assert_eq!(harness.resets.load(Ordering::SeqCst), 0);
+
+    let (status, _, reply) = call_with_headers(
+        &harness,
+        "/control/check",
+        r#"{"key":"k"}"#,
+        &[("Authorization", &bearer)],
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    let (status, _, reply) =
+        call_with_headers(&harness, "/reset", "", &[("Authorization", &bearer)]).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(harness.resets.load(Ordering::SeqCst), 1);
+    harness.stop().await;
+}
+
+#[actix::test]
+async fn token_signature_covers_body() {
+    let harness = Harness::start_with_token(Some(TOKEN));
+    let token = Token::new(TOKEN);
+    let body = r#"{"hello":"world"}"#;
+    let signature = sign(&token, body.as_bytes());
+
+    let (status, _, reply) = call_with_headers(
+        &harness,
+        "/control/signal",
+        body,
+        &[(SIGNATURE_HEADER, &signature)],
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["echo"]["hello"], "world");
+
+    let (status, _, reply) = call_with_headers(
+        &harness,
+        "/control/signal",
+        r#"{"hello":"mallory"}"#,
+        &[(SIGNATURE_HEADER, &signature)],
+    )
+    .await;
+    assert_eq!(status, 401, "{reply}");
+    assert_eq!(harness.received.lock().unwrap().len(), 1);
+    harness.stop().await;
+}
+
+#[actix::test]
+async fn token_leaves_read_endpoints_open() {
+    let harness = Harness::start_with_token(Some(TOKEN));
+    for (method, path) in [
+        (Method::GET, "/info"),
+        (Method::POST, "/info"),
+        (Method::GET, "/log"),
+        (Method::GET, "/health"),
+    ] {
+        let (status, _, reply) = harness.call(method, path, "").await;
+        assert_eq!(status, 200, "{path}: {reply}");
+        assert!(!reply.to_string().contains(TOKEN), "{path}: {reply}");
+    }
+    harness.stop().await;
+}
+
+#[actix::test]
+async fn client_sends_bearer_token() {
+    let harness = Harness::start_with_token(Some(TOKEN));
+    let address = harness.server.address.to_string();
+    let client = awc::Client::default();
+    let body = json!({"key": "k"});
+
+    let without = send(
+        &client,
+        &address,
+        Verb::Check,
+        Duration::from_secs(5),
+        &Credentials::default(),
+        &body,
+    )
+    .await
+    .unwrap();
+    assert_eq!(without.0, 401, "{}", without.1);
+
+    let credentials = Credentials {
+        epoch: Some(4),
+        token: Some(Token::new(TOKEN)),
+    };
+    let (status, reply) = send(
+        &client,
+        &address,
+        Verb::Check,
+        Duration::from_secs(5),
+        &credentials,
+        &body,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(harness.received.lock().unwrap()[0].2, Some(4));
+    harness.stop().await;
 }

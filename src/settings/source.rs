@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use log::warn;
 
 use super::value::{self, Input, Raw};
-use super::{Origin, Settings, SettingsError};
+use super::{check_token, Origin, Settings, SettingsError, Token};
 
 /// Inputs of the settings. The environment is passed in rather than read by `load`, so
 /// tests (and embedders) decide what it contains.
@@ -45,6 +45,7 @@ pub const KEYS: &[&str] = &[
     "session_timeout",
     "ip",
     "exit_when_dead",
+    "token",
     "damper",
     "depends_on",
     "full_shutdown",
@@ -74,7 +75,15 @@ const TABLE_KEYS: &[&str] = &["env", "hooks", "ports"];
 
 /// `OCHOPOD_*` variables that this agent sets for its own sub-processes and hooks, which are
 /// not settings. They are skipped without a warning.
-const RUNTIME_VARIABLES: &[&str] = &["index", "seq", "size", "cluster_json"];
+const RUNTIME_VARIABLES: &[&str] = &[
+    "index",
+    "seq",
+    "size",
+    "cluster_json",
+    "run_id",
+    "hook",
+    "pid",
+];
 
 /// Merges the sources over the defaults; see `Settings::check`.
 pub fn merge(sources: &Sources) -> Result<Settings, Vec<SettingsError>> {
@@ -256,6 +265,7 @@ fn set(settings: &mut Settings, input: &Input<'_>) -> Result<(), SettingsError> 
         "session_timeout" => settings.session_timeout = input.seconds(true)?,
         "ip" => settings.ip = input.optional_text(value::ip_address)?,
         "exit_when_dead" => settings.exit_when_dead = input.boolean()?,
+        "token" => settings.token = input.secret(check_token)?.map(Token::new),
         "damper" => settings.damper = input.seconds(false)?,
         "depends_on" => settings.depends_on = input.list(value::dependency)?,
         "full_shutdown" => settings.full_shutdown = input.boolean()?,
@@ -289,10 +299,10 @@ fn set(settings: &mut Settings, input: &Input<'_>) -> Result<(), SettingsError> 
         })?,
         "hooks" => input.entries(|name, entry| {
             check_entry_name(input, name, value::hook_name)?;
-            settings.hooks.insert(
-                name.to_string(),
-                PathBuf::from(entry.text(value::not_empty)?),
-            );
+            let path = PathBuf::from(entry.text(value::not_empty)?);
+            settings
+                .hooks
+                .insert(name.to_string(), beside_settings_file(path, input.origin));
             Ok(())
         })?,
         "ports" => input.entries(|name, entry| {
@@ -306,6 +316,19 @@ fn set(settings: &mut Settings, input: &Input<'_>) -> Result<(), SettingsError> 
         other => unreachable!("setting `{other}` is listed in KEYS but has no conversion"),
     }
     Ok(())
+}
+
+/// Resolves a relative path read from the settings file against the file's directory, so that
+/// a file and the hooks beside it work from any working directory. Paths from the environment
+/// or a flag stay relative to the agent's working directory, as a shell user expects.
+fn beside_settings_file(path: PathBuf, origin: &Origin) -> PathBuf {
+    match origin {
+        Origin::File(file) if path.is_relative() => match file.parent() {
+            Some(directory) => directory.join(path),
+            None => path,
+        },
+        _ => path,
+    }
 }
 
 /// Checks the key of one table entry, reporting the key itself as the invalid value.

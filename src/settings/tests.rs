@@ -174,6 +174,7 @@ fn file_tables_and_flag_entries() {
         flags: flags(&[
             ("env", "B=3"),
             ("hooks", "probe=/bin/probe"),
+            ("hooks", "signaled=./signaled.sh"),
             ("ports", "2181=31001"),
         ]),
         ..Sources::default()
@@ -181,8 +182,14 @@ fn file_tables_and_flag_entries() {
     let settings = Settings::load(&sources).unwrap();
     assert_eq!(settings.env["A"], "1");
     assert_eq!(settings.env["B"], "3");
-    assert_eq!(settings.hooks["configure"], PathBuf::from("./configure.sh"));
+    // A relative hook path of the file is relative to the file's directory.
+    assert_eq!(
+        settings.hooks["configure"],
+        file.path().parent().unwrap().join("./configure.sh")
+    );
     assert_eq!(settings.hooks["probe"], PathBuf::from("/bin/probe"));
+    // A relative hook path of a flag is relative to the working directory, as in a shell.
+    assert_eq!(settings.hooks["signaled"], PathBuf::from("./signaled.sh"));
     assert_eq!(settings.ports["8080"], 31000);
     assert_eq!(settings.ports["2181"], 31001);
     assert_eq!(
@@ -487,4 +494,61 @@ fn empty_optional_text_means_unset() {
     let settings = Settings::load(&sources).unwrap();
     assert_eq!(settings.ip, None);
     assert_eq!(settings.command, None);
+}
+
+#[test]
+fn token_read_but_never_shown() {
+    let secret = "correct-horse-battery-staple-42";
+    let sources = Sources {
+        env: env(&[("ochopod_token", secret)]),
+        ..Sources::default()
+    };
+    let settings = Settings::load(&sources).unwrap();
+    assert_eq!(settings.token.as_ref().map(Token::expose), Some(secret));
+
+    let debug = format!("{settings:?}");
+    assert!(!debug.contains(secret), "{debug}");
+    let printed = serde_json::to_string(&settings).unwrap();
+    assert!(!printed.contains(secret), "{printed}");
+    assert!(printed.contains(r#""token":"<redacted>""#), "{printed}");
+}
+
+#[test]
+fn token_from_file_and_flag() {
+    let file = file("token = \"from-the-file-0123456789\"\n");
+    let sources = Sources {
+        file: Some(file.path().to_path_buf()),
+        ..Sources::default()
+    };
+    let settings = Settings::load(&sources).unwrap();
+    assert_eq!(settings.token.unwrap().expose(), "from-the-file-0123456789");
+
+    let sources = Sources {
+        file: Some(file.path().to_path_buf()),
+        flags: flags(&[("token", "")]),
+        ..Sources::default()
+    };
+    assert_eq!(
+        Settings::load(&sources).unwrap().token,
+        None,
+        "empty unsets"
+    );
+}
+
+#[test]
+fn invalid_token_not_quoted() {
+    for secret in [
+        "short-secret",
+        "has a space inside of it",
+        "caf\u{e9}-0123456789abcdef",
+    ] {
+        let message = env_error(&[("OCHOPOD_TOKEN", secret)]);
+        assert!(message.contains("`token`"), "{message}");
+        assert!(message.contains("<redacted>"), "{message}");
+        assert!(!message.contains(secret), "{message}");
+        assert!(message.contains("16 to 1024"), "{message}");
+    }
+    let message = file_error("token = 1234567890123456789\n");
+    assert!(!message.contains("1234567890123456789"), "{message}");
+    assert!(message.contains("a string"), "{message}");
 }

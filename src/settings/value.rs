@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use super::{Origin, SettingsError, BINDINGS, HOOKS};
+use super::{Origin, SettingsError, BINDINGS, HOOKS, REDACTED};
 
 /// Largest duration any setting accepts, in seconds (one day). Longer values are almost
 /// certainly a unit mistake, such as milliseconds given where seconds are expected.
@@ -61,6 +61,30 @@ impl Input<'_> {
             return Ok(None);
         }
         rule(text).map_err(|expected| self.invalid(expected))?;
+        Ok(Some(text.to_string()))
+    }
+
+    /// Converts an optional secret like [`Input::optional_text`], but an error shows a
+    /// placeholder instead of the value, so a rejected secret is not printed.
+    pub fn secret(
+        &self,
+        rule: impl Fn(&str) -> Result<(), String>,
+    ) -> Result<Option<String>, SettingsError> {
+        let hidden = |expected: String| SettingsError::Invalid {
+            key: self.key.to_string(),
+            value: REDACTED.to_string(),
+            expected,
+            origin: self.origin.clone(),
+        };
+        let text = match self.raw {
+            Raw::Toml(toml::Value::String(text)) => text.as_str(),
+            Raw::Text(text) => text,
+            Raw::Toml(_) => return Err(hidden("a string".to_string())),
+        };
+        if text.is_empty() {
+            return Ok(None);
+        }
+        rule(text).map_err(hidden)?;
         Ok(Some(text.to_string()))
     }
 

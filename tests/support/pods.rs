@@ -124,6 +124,9 @@ pub struct PodSpec {
     pub env: Vec<(String, String)>,
     pub args: Vec<String>,
     pub command: Vec<String>,
+    /// Program and arguments that run the binary, such as `unshare --pid --fork`; empty runs
+    /// it directly.
+    pub wrapper: Vec<String>,
 }
 
 impl PodSpec {
@@ -135,6 +138,7 @@ impl PodSpec {
             env: Vec::new(),
             args: Vec::new(),
             command: Vec::new(),
+            wrapper: Vec::new(),
         }
     }
 
@@ -145,6 +149,12 @@ impl PodSpec {
 
     pub fn arg(mut self, arg: &str) -> PodSpec {
         self.args.push(arg.to_string());
+        self
+    }
+
+    /// Runs the binary through `wrapper` (a program and its arguments).
+    pub fn wrapped(mut self, wrapper: &[&str]) -> PodSpec {
+        self.wrapper = wrapper.iter().map(|word| word.to_string()).collect();
         self
     }
 
@@ -163,7 +173,14 @@ impl PodProcess {
         let log = root.join(format!("{name}.log"));
         let control_port = free_port();
 
-        let mut command = Command::new(binary());
+        let mut command = match spec.wrapper.split_first() {
+            Some((program, arguments)) => {
+                let mut command = Command::new(program);
+                command.args(arguments).arg(binary());
+                command
+            }
+            None => Command::new(binary()),
+        };
         command
             .arg("run")
             .args(&spec.args)

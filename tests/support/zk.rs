@@ -171,6 +171,9 @@ impl ZkServer {
              clientPort={client_port}\n\
              admin.enableServer=false\n\
              4lw.commands.whitelist=*\n\
+             # Benchmarks connect hundreds of pods from 127.0.0.1; the default caps one\n\
+             # address at 60 connections.\n\
+             maxClientCnxns=0\n\
              # Skipping fsync speeds up writes. A killed process still keeps its data,\n\
              # because written data stays in the page cache.\n\
              forceSync=no\n",
