@@ -282,13 +282,15 @@ impl Session {
                 }
             }
             SyncConnected | ConnectedReadOnly => {
+                // The client's state channel keeps only the latest state, so a quick reconnect
+                // can arrive without the `Disconnected` before it. The first state of a client
+                // is consumed when it connects, so any connected state seen here follows a
+                // disconnection, seen or not.
                 self.set_state(SessionState::Connected);
-                if self.disconnected {
-                    self.disconnected = false;
-                    info!("cluster {}: ZooKeeper session resumed", self.cluster());
-                    if let (true, Some(client)) = (self.registered, self.client.clone()) {
-                        self.publish(SessionEvent::Resumed { client });
-                    }
+                self.disconnected = false;
+                info!("cluster {}: ZooKeeper session resumed", self.cluster());
+                if let (true, Some(client)) = (self.registered, self.client.clone()) {
+                    self.publish(SessionEvent::Resumed { client });
                 }
             }
             Expired | AuthFailed | Closed => {
