@@ -17,7 +17,8 @@
 //!
 //! The server only reads shared facts (`Telemetry`) and forwards requests to the lifecycle and
 //! session actors, so it keeps no pod state of its own besides request counters.
-//! It runs one worker thread: the work behind each request happens in the actors.
+//! It runs as tasks on the pod's arbiter, with no thread of its own: the work behind each
+//! request happens in the actors.
 
 mod auth;
 mod client;
@@ -29,26 +30,32 @@ mod tests;
 use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use actix_web::dev::{ServerHandle, Service};
+use actix_http::{error::DispatchError, HttpService};
+use actix_service::{map_config, IntoServiceFactory, ServiceFactory, ServiceFactoryExt};
+use actix_web::dev::{AppConfig, Service};
 use actix_web::http::header::{HeaderMap, CONTENT_LENGTH, WWW_AUTHENTICATE};
 use actix_web::http::StatusCode;
-use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer, ResponseError};
+use actix_web::{web, App, HttpRequest, HttpResponse, ResponseError};
 use futures::StreamExt;
 use log::{debug, error, info, warn};
 use serde_json::json;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{watch, Semaphore};
 
-use crate::lifecycle::{Control, Verb};
+use crate::cluster::Cluster;
+use crate::lifecycle::{Control, ControlBody, Verb};
 use crate::registration::AGENT_VERSION;
 use crate::session::ResetSession;
 use crate::settings::{Settings, MAX_SECONDS};
 use crate::telemetry::{ProcessState, Telemetry};
 
 pub use auth::{authorize, carries_credentials, sign, AuthError, SIGNATURE_HEADER};
-pub use client::{request, send, Credentials, SendError};
+pub use client::{request, send, Credentials, JsonBody, SendError};
 
 /// Largest request body accepted; larger ones get 413.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -68,8 +75,21 @@ const BACKLOG: u32 = 1024;
 /// are counted in the next line.
 const REJECTION_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Seconds a stopping server waits for requests in flight.
-const SHUTDOWN_TIMEOUT_SECONDS: u64 = 1;
+/// Time a stopping server leaves open connections to finish the requests in flight.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
+/// Connections served at once; more wait in the backlog until one closes. Bounds the file
+/// descriptors and memory that a flood of clients can take from the pod.
+const MAX_CONNECTIONS: usize = 1024;
+
+/// Time an idle connection stays open for a next request.
+const KEEP_ALIVE: Duration = Duration::from_secs(5);
+
+/// Time a client has to send a request's head once connected; slower clients get 408.
+const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Pause after a failed `accept`, so that running out of file descriptors does not spin.
+const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
 
 /// Inputs of the control server: the listen address, the facts to publish and the actors that
 /// requests go to.
@@ -89,12 +109,23 @@ pub struct ControlServer {
 pub struct RunningControlServer {
     /// The address the server listens on (with the port picked when port 0 was asked for).
     pub address: SocketAddr,
-    /// Stops the server: `handle.stop(true)` finishes the requests in flight first.
-    pub handle: ServerHandle,
+    stop: watch::Sender<bool>,
 }
 
-/// Binds `server.address` and serves the API on it from a task spawned in the current actix
-/// `System`. Fails when the address cannot be bound.
+impl RunningControlServer {
+    /// Stops accepting connections at once; open connections get a short grace to finish
+    /// the requests in flight, then close.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Binds `server.address` and serves the API on it from tasks spawned on the current actix
+/// arbiter. Fails when the address cannot be bound.
+///
+/// The server runs no thread of its own: accepting and every connection are tasks beside the
+/// pod's actors. An agent is one thread lighter for it, and a thousand embedded pods do not
+/// mean a thousand server threads.
 pub fn start_control_server(server: ControlServer) -> io::Result<RunningControlServer> {
     let cluster = server.settings.qualified_cluster();
     let state = web::Data::new(State {
@@ -106,76 +137,146 @@ pub fn start_control_server(server: ControlServer) -> io::Result<RunningControlS
         rejections: Mutex::new(Rejections::default()),
     });
 
-    let http = HttpServer::new(move || {
-        App::new()
-            .app_data(state.clone())
-            .wrap_fn(|request, service| {
-                let state = request.app_data::<web::Data<State>>().cloned();
-                let method = request.method().clone();
-                let path = request.path().to_string();
-                let response = service.call(request);
-                async move {
-                    let response = response.await?;
-                    debug!(
-                        "control server: {method} {path} -> {}",
-                        response.status().as_u16()
-                    );
-                    if let Some(state) = state {
-                        state.count_response(response.status());
-                    }
-                    Ok(response)
-                }
-            })
-            .service(
-                web::resource("/info")
-                    .route(web::get().to(info))
-                    .route(web::post().to(info))
-                    .default_service(web::to(method_not_allowed)),
-            )
-            .service(
-                web::resource("/log")
-                    .route(web::get().to(log_lines))
-                    .route(web::post().to(log_lines))
-                    .default_service(web::to(method_not_allowed)),
-            )
-            .service(
-                web::resource("/reset")
-                    .route(web::post().to(reset))
-                    .default_service(web::to(method_not_allowed)),
-            )
-            .service(
-                web::resource(["/control/{verb}", "/control/{verb}/{timeout}"])
-                    .route(web::post().to(control))
-                    .default_service(web::to(method_not_allowed)),
-            )
-            .service(
-                web::resource("/health")
-                    .route(web::get().to(health))
-                    .default_service(web::to(method_not_allowed)),
-            )
-            .service(
-                web::resource("/metrics")
-                    .route(web::get().to(metrics))
-                    .default_service(web::to(method_not_allowed)),
-            )
-            .default_service(web::to(not_found))
-    })
-    .workers(1)
-    .backlog(BACKLOG)
-    .disable_signals()
-    .shutdown_timeout(SHUTDOWN_TIMEOUT_SECONDS)
-    .bind(server.address)?;
+    let listener = listen(server.address)?;
+    let address = listener.local_addr()?;
 
-    let address = http.addrs().first().copied().unwrap_or(server.address);
-    let running = http.run();
-    let handle = running.handle();
+    let app = App::new()
+        .app_data(state.clone())
+        .wrap_fn(|request, service| {
+            let state = request.app_data::<web::Data<State>>().cloned();
+            let method = request.method().clone();
+            let path = request.path().to_string();
+            let response = service.call(request);
+            async move {
+                let response = response.await?;
+                debug!(
+                    "control server: {method} {path} -> {}",
+                    response.status().as_u16()
+                );
+                if let Some(state) = state {
+                    state.count_response(response.status());
+                }
+                Ok(response)
+            }
+        })
+        .service(
+            web::resource("/info")
+                .route(web::get().to(info))
+                .route(web::post().to(info))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/log")
+                .route(web::get().to(log_lines))
+                .route(web::post().to(log_lines))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/reset")
+                .route(web::post().to(reset))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource(["/control/{verb}", "/control/{verb}/{timeout}"])
+                .route(web::post().to(control))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/health")
+                .route(web::get().to(health))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/metrics")
+                .route(web::get().to(metrics))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .default_service(web::to(not_found));
+    let factory = HttpService::build()
+        .keep_alive(KEEP_ALIVE)
+        .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
+        .local_addr(address)
+        .h1(map_config(
+            app.into_factory()
+                .map_err(|error: actix_web::Error| error.error_response()),
+            |_| AppConfig::default(),
+        ))
+        .tcp();
+
+    let (stop, stopped) = watch::channel(false);
     actix::spawn(async move {
-        if let Err(error) = running.await {
-            error!("cluster {cluster}: control server on {address} stopped: {error}");
-        }
+        let service = match factory.new_service(()).await {
+            Ok(service) => Rc::new(service),
+            Err(()) => {
+                error!("cluster {cluster}: control server on {address} failed to start");
+                return;
+            }
+        };
+        accept(listener, service, stopped).await;
+        info!("cluster {cluster}: control server on {address} stopped");
     });
     info!("control server listening on {address}");
-    Ok(RunningControlServer { address, handle })
+    Ok(RunningControlServer { address, stop })
+}
+
+/// Binds `address` with a backlog of [`BACKLOG`] pending connections.
+fn listen(address: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(BACKLOG)
+}
+
+/// Accepts connections until `stopped` turns true, serving each from its own task. At most
+/// [`MAX_CONNECTIONS`] are served at once; the next ones wait in the backlog. After the stop,
+/// open connections get [`SHUTDOWN_GRACE`] to finish the requests in flight.
+async fn accept<S>(listener: TcpListener, service: Rc<S>, mut stopped: watch::Receiver<bool>)
+where
+    S: Service<TcpStream, Response = (), Error = DispatchError> + 'static,
+{
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot,
+            _ = stopped.wait_for(|stop| *stop) => return,
+        };
+        let Ok(slot) = slot else { return };
+
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of descriptors or a connection reset before it was accepted: the
+                    // listener itself is fine, so wait a little and go on.
+                    warn!("control server: cannot accept a connection: {error}");
+                    tokio::time::sleep(ACCEPT_RETRY_DELAY).await;
+                    continue;
+                }
+            },
+            _ = stopped.wait_for(|stop| *stop) => return,
+        };
+
+        let service = service.clone();
+        let mut stopping = stopped.clone();
+        actix::spawn(async move {
+            let _slot = slot;
+            tokio::select! {
+                served = service.call(stream) => {
+                    if let Err(error) = served {
+                        debug!("control server: connection ended with an error: {error:?}");
+                    }
+                }
+                _ = async {
+                    let _ = stopping.wait_for(|stop| *stop).await;
+                    tokio::time::sleep(SHUTDOWN_GRACE).await;
+                } => {}
+            }
+        });
+    }
 }
 
 /// State shared by every handler.
@@ -472,12 +573,7 @@ async fn run_control(
     })?;
     let timeout = parse_timeout(request.match_info().get("timeout"))?;
     let epoch = parse_epoch(request.headers())?;
-    let body: serde_json::Value = if body.iter().all(u8::is_ascii_whitespace) {
-        json!({})
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|error| ApiError::bad_request(format!("invalid JSON body: {error}")))?
-    };
+    let body = parse_body(verb, &body)?;
 
     let cluster = state.settings.qualified_cluster();
     let started = Instant::now();
@@ -547,6 +643,23 @@ fn parse_timeout(segment: Option<&str>) -> Result<Duration, ApiError> {
 }
 
 /// Parses the `X-Ochopod-Epoch` header; absent means the request does not come from a leader.
+/// Parses a control request's body: a cluster view straight into its type for every verb but
+/// `signal`, free JSON otherwise. A body that is JSON but not a view is handed on as JSON, so
+/// that the lifecycle's reply says what is wrong with its shape. An empty body is `{}`.
+fn parse_body(verb: Verb, body: &[u8]) -> Result<ControlBody, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(ControlBody::Json(json!({})));
+    }
+    if verb != Verb::Signal {
+        if let Ok(view) = serde_json::from_slice::<Cluster>(body) {
+            return Ok(ControlBody::View(Box::new(view)));
+        }
+    }
+    serde_json::from_slice(body)
+        .map(ControlBody::Json)
+        .map_err(|error| ApiError::bad_request(format!("invalid JSON body: {error}")))
+}
+
 fn parse_epoch(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
     let Some(value) = headers.get(EPOCH_HEADER) else {
         return Ok(None);

@@ -859,25 +859,28 @@ impl Round {
 
     /// Sends `verb` to every pod, in parallel or one by one, and returns each HTTP status.
     async fn phase(&self, verb: Verb, pods: &Pods) -> Vec<(String, Result<u16, String>)> {
+        let views = plan::ViewBodies::new(pods, &self.dependencies);
+        let credentials = control::Credentials {
+            epoch: Some(self.epoch),
+            token: self.config.token.clone(),
+        };
         let requests = pods.iter().map(|(key, pod)| {
-            let view = plan::view_for(key, pods, &self.dependencies);
             let address = pod.control_address();
             let key = key.clone();
+            let views = &views;
+            let credentials = &credentials;
             async move {
                 if !leading(&self.telemetry) {
                     return (key, Err("no longer the leader".to_string()));
                 }
-                let body = serde_json::to_value(&view).expect("a cluster view always serializes");
+                let body = control::JsonBody::from_json_bytes(views.for_pod(&key));
                 let reply = control::send(
                     &self.http,
                     &address,
                     verb,
                     self.config.control_timeout,
-                    &control::Credentials {
-                        epoch: Some(self.epoch),
-                        token: self.config.token.clone(),
-                    },
-                    &body,
+                    credentials,
+                    body,
                 )
                 .await
                 .map(|(status, _)| status)

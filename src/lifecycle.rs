@@ -71,11 +71,38 @@ impl Verb {
 pub struct Control {
     pub verb: Verb,
     /// Request body: the cluster view for every verb but `signal`, whose body is free JSON.
-    pub body: serde_json::Value,
+    pub body: ControlBody,
     /// Epoch of the leader that sent the request (`X-Ochopod-Epoch`), absent for operators.
     pub epoch: Option<i64>,
     /// When the caller stops waiting: a request dequeued after it is not run.
     pub deadline: Instant,
+}
+
+/// The body of a control request: JSON as received, or a cluster view the control server
+/// already parsed from the request bytes (the common case, which skips an intermediate JSON
+/// tree of the whole cluster).
+#[derive(Debug)]
+pub enum ControlBody {
+    Json(serde_json::Value),
+    View(Box<Cluster>),
+}
+
+impl ControlBody {
+    /// Returns the body as JSON, serializing a parsed view.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            ControlBody::Json(value) => value.clone(),
+            ControlBody::View(view) => {
+                serde_json::to_value(view).expect("a cluster view always serializes")
+            }
+        }
+    }
+}
+
+impl From<serde_json::Value> for ControlBody {
+    fn from(value: serde_json::Value) -> Self {
+        ControlBody::Json(value)
+    }
 }
 
 /// Why a control request was not done; each maps to one HTTP status.
@@ -418,7 +445,22 @@ fn resolve_command(
 }
 
 /// Checks the body of a control request against its verb.
-fn parse_request(verb: Verb, body: Value) -> Result<Request, ControlError> {
+fn parse_request(verb: Verb, body: impl Into<ControlBody>) -> Result<Request, ControlError> {
+    let body = match body.into() {
+        ControlBody::View(view) => {
+            return Ok(match verb {
+                Verb::Check => Request::Check(*view),
+                Verb::On => Request::On(*view),
+                Verb::Ok => Request::Ok(*view),
+                Verb::Off => Request::Off,
+                Verb::Kill => Request::Kill,
+                Verb::Signal => Request::Signal(
+                    serde_json::to_value(*view).expect("a cluster view always serializes"),
+                ),
+            })
+        }
+        ControlBody::Json(body) => body,
+    };
     match verb {
         Verb::Check => parse_view(verb, body).map(Request::Check),
         Verb::On => parse_view(verb, body).map(Request::On),

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::cluster::{Cluster, Pods};
@@ -120,6 +121,44 @@ pub fn view_for(key: &str, pods: &Pods, dependencies: &BTreeMap<String, Pods>) -
     }
 }
 
+/// The cluster views of one phase of a round, serialized once.
+///
+/// Every pod gets the same pods and dependencies; only `key` differs. The shared part is
+/// serialized once per phase, and each pod's body is its key followed by those bytes, the
+/// same JSON document that serializing [`view_for`] gives. A round over N pods thus costs N
+/// copies of the view instead of N clones and N serializations.
+pub struct ViewBodies {
+    /// `"pods":{...},"dependencies":{...}}`: a serialized view without its opening brace and
+    /// its `key`.
+    shared: Vec<u8>,
+}
+
+impl ViewBodies {
+    pub fn new(pods: &Pods, dependencies: &BTreeMap<String, Pods>) -> Self {
+        #[derive(Serialize)]
+        struct Shared<'a> {
+            pods: &'a Pods,
+            dependencies: &'a BTreeMap<String, Pods>,
+        }
+
+        let mut shared =
+            serde_json::to_vec(&Shared { pods, dependencies }).expect("a view always serializes");
+        shared.remove(0);
+        ViewBodies { shared }
+    }
+
+    /// Returns the JSON view for the pod `key`.
+    pub fn for_pod(&self, key: &str) -> Vec<u8> {
+        let key = serde_json::to_vec(key).expect("a string always serializes");
+        let mut body = Vec::with_capacity(key.len() + self.shared.len() + 8);
+        body.extend_from_slice(b"{\"key\":");
+        body.extend_from_slice(&key);
+        body.push(b',');
+        body.extend_from_slice(&self.shared);
+        body
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,6 +168,30 @@ mod tests {
             ip: ip.to_string(),
             ..Registration::default()
         }
+    }
+
+    #[test]
+    fn shared_view_bodies_match_the_serialized_view() {
+        let pods = Pods::from([
+            ("a\"quoted".to_string(), pod("10.0.0.1")),
+            ("b".to_string(), pod("10.0.0.2")),
+        ]);
+        let dependencies = BTreeMap::from([(
+            "zk".to_string(),
+            Pods::from([("z".to_string(), pod("10.0.0.9"))]),
+        )]);
+        let bodies = ViewBodies::new(&pods, &dependencies);
+        for key in ["a\"quoted", "b", "unknown"] {
+            let expected = serde_json::to_vec(&view_for(key, &pods, &dependencies)).unwrap();
+            assert_eq!(
+                String::from_utf8(bodies.for_pod(key)).unwrap(),
+                String::from_utf8(expected).unwrap()
+            );
+        }
+
+        let empty = ViewBodies::new(&Pods::new(), &BTreeMap::new());
+        let parsed: Cluster = serde_json::from_slice(&empty.for_pod("k")).unwrap();
+        assert_eq!(parsed, view_for("k", &Pods::new(), &BTreeMap::new()));
     }
 
     #[test]

@@ -188,7 +188,7 @@ impl Pod {
         let _ = self.election.send(Resign).await;
         let _ = self.lifecycle.send(Shutdown).await;
         let _ = self.session.send(CloseSession).await;
-        self.server.handle.stop(true).await;
+        self.server.stop();
         info!("cluster {cluster}: pod {} stopped", self.key);
     }
 }

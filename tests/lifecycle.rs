@@ -180,7 +180,7 @@ impl Pod {
     fn request(&self, verb: Verb, body: Value, epoch: Option<i64>) -> Control {
         Control {
             verb,
-            body,
+            body: body.into(),
             epoch,
             deadline: Instant::now() + PATIENCE,
         }

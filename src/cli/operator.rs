@@ -232,12 +232,20 @@ async fn perform(
                 Verb::Signal,
                 timeout,
                 &credentials,
-                signal_body,
+                signal_body.into(),
             )
             .await
         }
         Action::Control(verb, _) => {
-            control::send(http, &pod.address(), *verb, timeout, &credentials, &body).await
+            control::send(
+                http,
+                &pod.address(),
+                *verb,
+                timeout,
+                &credentials,
+                (&body).into(),
+            )
+            .await
         }
     }
 }

@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use awc::http::header::AUTHORIZATION;
+use actix_web::web::Bytes;
+use awc::http::header::{AUTHORIZATION, CONTENT_TYPE};
 use awc::http::Method;
 
 use super::EPOCH_HEADER;
@@ -24,6 +25,26 @@ pub struct Credentials {
     /// Absent for operators and tools, which are not leaders.
     pub epoch: Option<i64>,
     pub token: Option<Token>,
+}
+
+/// A serialized JSON request body. The leader builds one per pod from bytes shared by the whole
+/// round, so a round over N pods does not serialize the cluster N times.
+#[derive(Clone, Debug)]
+pub struct JsonBody(Bytes);
+
+impl JsonBody {
+    /// Wraps bytes that hold one JSON document.
+    pub fn from_json_bytes(bytes: impl Into<Bytes>) -> Self {
+        JsonBody(bytes.into())
+    }
+}
+
+impl From<&serde_json::Value> for JsonBody {
+    fn from(value: &serde_json::Value) -> Self {
+        JsonBody(Bytes::from(
+            serde_json::to_vec(value).expect("a JSON value always serializes"),
+        ))
+    }
 }
 
 /// Failure to get a usable reply. A reply with an error status is not a failure here, because
@@ -52,7 +73,7 @@ pub async fn send(
     verb: Verb,
     timeout: Duration,
     credentials: &Credentials,
-    body: &serde_json::Value,
+    body: JsonBody,
 ) -> Result<(u16, serde_json::Value), SendError> {
     let path = format!("/control/{}/{}", verb.as_str(), timeout.as_secs_f64());
     request(
@@ -76,7 +97,7 @@ pub async fn request(
     path: &str,
     timeout: Duration,
     credentials: &Credentials,
-    body: Option<&serde_json::Value>,
+    body: Option<JsonBody>,
 ) -> Result<(u16, serde_json::Value), SendError> {
     let url = format!("http://{address}{path}");
     let exchange = async {
@@ -88,7 +109,12 @@ pub async fn request(
             request = request.insert_header((AUTHORIZATION, format!("Bearer {}", token.expose())));
         }
         let sent = match body {
-            Some(body) => request.send_json(body).await,
+            Some(JsonBody(body)) => {
+                request
+                    .insert_header((CONTENT_TYPE, "application/json"))
+                    .send_body(body)
+                    .await
+            }
             None => request.send().await,
         };
         let mut response = sent.map_err(|error| match error {

@@ -15,8 +15,9 @@ use crate::telemetry::Role;
 /// Control requests the fake lifecycle received: verb, body and epoch.
 type Received = Arc<Mutex<Vec<(Verb, Value, Option<i64>)>>>;
 
-/// Replies from the body: `{"fail": "check" | "dead" | "stale" | "bad"}` picks an error,
-/// `{"sleep_ms": n}` delays the reply, anything else is echoed back.
+/// Replies from the body's `key` (which survives the parsing of a cluster view):
+/// `fail:check`, `fail:dead`, `fail:stale` or `fail:bad` picks an error, `sleep:<ms>` delays
+/// the reply, anything else is echoed back.
 struct FakeLifecycle {
     received: Received,
 }
@@ -29,15 +30,17 @@ impl Handler<Control> for FakeLifecycle {
     type Result = ResponseFuture<Result<Value, ControlError>>;
 
     fn handle(&mut self, control: Control, _: &mut Self::Context) -> Self::Result {
+        let body = control.body.to_json();
         self.received
             .lock()
             .unwrap()
-            .push((control.verb, control.body.clone(), control.epoch));
+            .push((control.verb, body.clone(), control.epoch));
         Box::pin(async move {
-            if let Some(delay) = control.body.get("sleep_ms").and_then(Value::as_u64) {
+            let key = body.get("key").and_then(Value::as_str).unwrap_or_default();
+            if let Some(delay) = key.strip_prefix("sleep:").and_then(|ms| ms.parse().ok()) {
                 tokio::time::sleep(Duration::from_millis(delay)).await;
             }
-            match control.body.get("fail").and_then(Value::as_str) {
+            match key.strip_prefix("fail:") {
                 Some("check") => Err(ControlError::Failed("check failed: disk full".to_string())),
                 Some("dead") => Err(ControlError::Dead),
                 Some("stale") => Err(ControlError::StaleEpoch {
@@ -47,7 +50,7 @@ impl Handler<Control> for FakeLifecycle {
                 Some("bad") => Err(ControlError::BadRequest(
                     "the body is not a cluster view".to_string(),
                 )),
-                _ => Ok(json!({ "verb": control.verb.as_str(), "echo": control.body })),
+                _ => Ok(json!({ "verb": control.verb.as_str(), "echo": body })),
             }
         })
     }
@@ -145,7 +148,7 @@ impl Harness {
     }
 
     async fn stop(self) {
-        self.server.handle.stop(true).await;
+        self.server.stop();
     }
 }
 
@@ -190,7 +193,7 @@ async fn control_failures_map_to_statuses() {
         ("bad", 400, "not a cluster view"),
     ];
     for (failure, expected_status, expected_text) in cases {
-        let body = format!(r#"{{"fail":"{failure}"}}"#);
+        let body = format!(r#"{{"key":"fail:{failure}"}}"#);
         let (status, content_type, reply) =
             harness.call(Method::POST, "/control/check", &body).await;
         assert_eq!(status, expected_status, "{failure}: {reply}");
@@ -209,7 +212,7 @@ async fn control_times_out_with_408() {
     let harness = Harness::start();
     let started = Instant::now();
     let (status, _, reply) = harness
-        .call(Method::POST, "/control/on/0.2", r#"{"sleep_ms":3000}"#)
+        .call(Method::POST, "/control/on/0.2", r#"{"key":"sleep:3000"}"#)
         .await;
     assert_eq!(status, 408);
     assert_eq!(error_text(&reply), "control on not done within 0.2 s");
@@ -496,22 +499,22 @@ async fn client_send_carries_epoch_and_timeout() {
             epoch: Some(3),
             token: None,
         },
-        &body,
+        (&body).into(),
     )
     .await
     .unwrap();
     assert_eq!(status, 200);
-    assert_eq!(reply["echo"], body);
+    assert_eq!(reply["echo"]["key"], "k");
     assert_eq!(harness.received.lock().unwrap()[0].2, Some(3));
 
-    let slow = json!({"sleep_ms": 3000});
+    let slow = json!({"key": "sleep:3000"});
     let (status, reply) = send(
         &client,
         &address,
         Verb::On,
         Duration::from_millis(200),
         &Credentials::default(),
-        &slow,
+        (&slow).into(),
     )
     .await
     .unwrap();
@@ -681,7 +684,7 @@ async fn client_sends_bearer_token() {
         Verb::Check,
         Duration::from_secs(5),
         &Credentials::default(),
-        &body,
+        (&body).into(),
     )
     .await
     .unwrap();
@@ -697,7 +700,7 @@ async fn client_sends_bearer_token() {
         Verb::Check,
         Duration::from_secs(5),
         &credentials,
-        &body,
+        (&body).into(),
     )
     .await
     .unwrap();
