@@ -504,6 +504,7 @@ fn info_document(telemetry: &Telemetry, settings: &Settings) -> serde_json::Valu
         "pid": facts.pid,
         "epoch": facts.epoch,
         "session": facts.session.as_str(),
+        "zookeeper_error": facts.zookeeper_error,
         "version": AGENT_VERSION,
     })
 }

@@ -19,14 +19,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 use zookeeper_client as zk;
 
+use crate::acl::{self, ZookeeperAccess};
 use crate::layout;
 use crate::session::SessionEvent;
 use crate::telemetry::{Role, Telemetry};
 
-/// Delay before a failed ZooKeeper request of the election is tried again.
+/// Delay before a failed ZooKeeper request of the election is tried again, unless ZooKeeper
+/// denied it (see [`acl::denied_retry_delay`]).
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 
 /// Leadership change sent by the election to the leader actor.
@@ -52,11 +54,15 @@ pub struct Resign;
 pub struct Election {
     cluster: String,
     key: String,
+    /// ACLs of the lock nodes, and the explanation of a denied request.
+    access: ZookeeperAccess,
     client: Option<zk::Client>,
     /// Name of this pod's node under `coordinator/` and its sequence number.
     lock: Option<(String, i64)>,
     /// Whether a `create` of the lock node may have succeeded without its reply reaching us.
     create_sent: bool,
+    /// Requests that ZooKeeper denied in a row, for the retry backoff.
+    denials: u32,
     leading: bool,
     resigned: bool,
     /// Bumped whenever the session changes, so that stale watches and replies are ignored.
@@ -69,15 +75,18 @@ impl Election {
     pub fn new(
         cluster: String,
         key: String,
+        access: ZookeeperAccess,
         leader: Recipient<LeadershipEvent>,
         telemetry: Arc<Telemetry>,
     ) -> Self {
         Election {
             cluster,
             key,
+            access,
             client: None,
             lock: None,
             create_sent: false,
+            denials: 0,
             leading: false,
             resigned: false,
             generation: 0,
@@ -108,12 +117,31 @@ impl Election {
                 )
             }
             err => {
-                warn!(
-                    "cluster {}: election {what} failed: {err}; retrying in {RETRY_DELAY:?}",
-                    self.cluster
-                );
+                // Every request of the election is about the lock nodes under `coordinator`.
+                let directory = layout::coordinator(&self.cluster);
+                let delay = match self.access.explain_denial(&err, Some(&directory)) {
+                    Some(explanation) => {
+                        self.denials = self.denials.saturating_add(1);
+                        let delay = acl::denied_retry_delay(self.denials);
+                        error!(
+                            "cluster {}: election {what} failed: {explanation}; retrying in {} s \
+                             (denial {} in a row)",
+                            self.cluster,
+                            delay.as_secs(),
+                            self.denials
+                        );
+                        delay
+                    }
+                    None => {
+                        warn!(
+                            "cluster {}: election {what} failed: {err}; retrying in {RETRY_DELAY:?}",
+                            self.cluster
+                        );
+                        RETRY_DELAY
+                    }
+                };
                 let generation = self.generation;
-                ctx.run_later(RETRY_DELAY, move |election, ctx| {
+                ctx.run_later(delay, move |election, ctx| {
                     if election.generation == generation {
                         election.acquire(ctx);
                     }
@@ -137,6 +165,7 @@ impl Election {
         let prefix = self.prefix();
         let search_first = self.create_sent;
         self.create_sent = true;
+        let acls = self.access.cluster_acls();
 
         let attempt = async move {
             if search_first {
@@ -150,7 +179,7 @@ impl Election {
                     }
                 }
             }
-            let options = zk::CreateMode::EphemeralSequential.with_acls(zk::Acls::anyone_all());
+            let options = zk::CreateMode::EphemeralSequential.with_acls(acls);
             let (_, sequence) = client
                 .create(&format!("{directory}/{prefix}"), b"", &options)
                 .await?;
@@ -166,6 +195,7 @@ impl Election {
                 Ok(lock) => {
                     debug!("cluster {}: lock node {} created", election.cluster, lock.0);
                     election.create_sent = false;
+                    election.denials = 0;
                     election.lock = Some(lock);
                     election.check(ctx);
                 }
@@ -361,6 +391,7 @@ impl Handler<SessionEvent> for Election {
                 self.client = Some(client);
                 self.lock = None;
                 self.create_sent = false;
+                self.denials = 0;
                 self.depose("new session");
                 self.acquire(ctx);
             }

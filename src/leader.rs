@@ -32,6 +32,7 @@ use futures::stream::{self, StreamExt};
 use log::{debug, error, info, warn};
 use zookeeper_client as zk;
 
+use crate::acl::{self, AtZnode, ZnodeError, ZookeeperAccess};
 use crate::cluster::{Cluster, Pods};
 use crate::control;
 use crate::election::LeadershipEvent;
@@ -50,7 +51,8 @@ const MIN_RETRY_DELAY: Duration = Duration::from_secs(1);
 /// the wait doubles from the damper (at least `MIN_RETRY_DELAY`) up to this.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
 
-/// Delay before a failed ZooKeeper read of the leader is tried again.
+/// Delay before a failed ZooKeeper read of the leader is tried again, unless ZooKeeper denied
+/// it (see [`acl::denied_retry_delay`]).
 const READ_RETRY_DELAY: Duration = Duration::from_secs(1);
 
 /// Share of the negotiated session timeout the lead lasts after the last confirmed request.
@@ -80,6 +82,8 @@ pub struct LeaderConfig {
     pub probe_every: Duration,
     /// Shared token sent with every control request, when the cluster has one.
     pub token: Option<crate::settings::Token>,
+    /// ACLs of the `snapshot` and `hash` znodes, and the explanation of a denied request.
+    pub access: ZookeeperAccess,
 }
 
 /// The leader actor.
@@ -110,6 +114,8 @@ pub struct Leader {
     pods_known: bool,
     /// Whether the dependencies were read for the current lead.
     dependencies_known: bool,
+    /// Reads that ZooKeeper denied during the current lead, for the retry backoff.
+    read_denials: u32,
 
     pending: Option<SpawnHandle>,
     /// Hash of the state the last round failed on, while its retry is pending.
@@ -152,6 +158,7 @@ impl Leader {
             hash_known: false,
             pods_known: false,
             dependencies_known: false,
+            read_denials: 0,
             pending: None,
             retry_for: None,
             failures: 0,
@@ -167,6 +174,32 @@ impl Leader {
 
     fn set_lease(&self, lease: Option<Instant>) {
         self.telemetry.update(|facts| facts.leader_lease = lease);
+    }
+
+    /// Logs a failed read (`action`, such as "list the pods") and returns the delay before it
+    /// is tried again: `READ_RETRY_DELAY`, or the growing denial backoff when ZooKeeper denied
+    /// the read.
+    fn read_failed(&mut self, action: &str, err: &ZnodeError) -> Duration {
+        match self
+            .config
+            .access
+            .explain_denial(&err.error, Some(&err.path))
+        {
+            Some(explanation) => {
+                self.read_denials = self.read_denials.saturating_add(1);
+                let delay = acl::denied_retry_delay(self.read_denials);
+                error!(
+                    "cluster {}: cannot {action}: {explanation}; retrying in {} s",
+                    self.config.cluster,
+                    delay.as_secs()
+                );
+                delay
+            }
+            None => {
+                warn!("cluster {}: cannot {action}: {err}", self.config.cluster);
+                READ_RETRY_DELAY
+            }
+        }
     }
 
     /// Confirms the session with ZooKeeper and extends the lease from the moment the request
@@ -230,6 +263,7 @@ impl Leader {
         self.hash_known = false;
         self.pods_known = false;
         self.dependencies_known = self.dependencies.is_empty();
+        self.read_denials = 0;
         self.read_hash(ctx);
         self.watch_pods(ctx);
         self.watch_dependencies(ctx);
@@ -245,11 +279,11 @@ impl Leader {
         let read = async move {
             match client.get_data(&path).await {
                 Ok((data, _)) => Ok(StoredHash::Found(data)),
-                Err(zk::Error::NoNode) => match client.check_stat(&snapshot).await? {
+                Err(zk::Error::NoNode) => match client.check_stat(&snapshot).await.at(&snapshot)? {
                     Some(_) => Ok(StoredHash::Lost),
                     None => Ok(StoredHash::Never),
                 },
-                Err(err) => Err(err),
+                Err(err) => Err(err).at(&path),
             }
         };
 
@@ -272,11 +306,8 @@ impl Leader {
                     leader.stored_hash = None;
                 }
                 Err(err) => {
-                    warn!(
-                        "cluster {}: cannot read the stored hash: {err}",
-                        leader.config.cluster
-                    );
-                    ctx.run_later(READ_RETRY_DELAY, move |leader, ctx| {
+                    let delay = leader.read_failed("read the stored hash", &err);
+                    ctx.run_later(delay, move |leader, ctx| {
                         if generation == leader.generation {
                             leader.read_hash(ctx);
                         }
@@ -299,7 +330,10 @@ impl Leader {
         let known: BTreeSet<String> = self.children.keys().cloned().collect();
 
         let read = async move {
-            let (children, watcher) = client.list_and_watch_children(&directory).await?;
+            let (children, watcher) = client
+                .list_and_watch_children(&directory)
+                .await
+                .at(&directory)?;
             let new: Vec<String> = children
                 .iter()
                 .filter(|child| !known.contains(*child))
@@ -314,7 +348,7 @@ impl Leader {
                 .buffer_unordered(FAN_OUT)
                 .collect()
                 .await;
-            Ok::<_, zk::Error>((children, fetched, watcher))
+            Ok::<_, ZnodeError>((children, fetched, watcher))
         };
 
         ctx.spawn(read.into_actor(self).map(move |result, leader, ctx| {
@@ -329,11 +363,8 @@ impl Leader {
                     leader.evaluate(ctx);
                 }
                 Err(err) => {
-                    warn!(
-                        "cluster {}: cannot list the pods: {err}",
-                        leader.config.cluster
-                    );
-                    ctx.run_later(READ_RETRY_DELAY, move |leader, ctx| {
+                    let delay = leader.read_failed("list the pods", &err);
+                    ctx.run_later(delay, move |leader, ctx| {
                         if generation == leader.generation {
                             leader.watch_pods(ctx);
                         }
@@ -363,10 +394,19 @@ impl Leader {
                 },
                 // Gone between the listing and the read: the next watch event drops it.
                 Err(zk::Error::NoNode) => {}
-                Err(err) => warn!(
-                    "cluster {}: cannot read pods/{child}: {err}",
-                    self.config.cluster
-                ),
+                Err(err) => {
+                    let path = format!("{}/{child}", layout::pods(&self.config.cluster));
+                    match self.config.access.explain_denial(&err, Some(&path)) {
+                        Some(explanation) => error!(
+                            "cluster {}: skipping pods/{child}: {explanation}",
+                            self.config.cluster
+                        ),
+                        None => warn!(
+                            "cluster {}: cannot read pods/{child}: {err}",
+                            self.config.cluster
+                        ),
+                    }
+                }
             }
         }
     }
@@ -420,10 +460,13 @@ impl Leader {
                         watchers.push(watcher);
                     }
                     Err(zk::Error::NoNode) => {
-                        let (_, watcher) = client.check_and_watch_stat(layout::CLUSTERS).await?;
+                        let (_, watcher) = client
+                            .check_and_watch_stat(layout::CLUSTERS)
+                            .await
+                            .at(layout::CLUSTERS)?;
                         watchers.push(watcher);
                     }
-                    Err(err) => return Err(err),
+                    Err(err) => return Err(err).at(layout::CLUSTERS),
                 }
             }
 
@@ -448,15 +491,15 @@ impl Leader {
                     }
                     Err(zk::Error::NoNode) => {
                         // Not configured yet: watch for its snapshot to appear.
-                        let (stat, watcher) = client.check_and_watch_stat(&path).await?;
+                        let (stat, watcher) = client.check_and_watch_stat(&path).await.at(&path)?;
                         watchers.push(watcher);
                         if stat.is_some() {
                             // Created between the two requests: the watch fires on the next
                             // change, so read again at once.
-                            return Err(zk::Error::NoNode);
+                            return Err(zk::Error::NoNode).at(&path);
                         }
                     }
-                    Err(err) => return Err(err),
+                    Err(err) => return Err(err).at(&path),
                 }
             }
             Ok((snapshots, watchers))
@@ -475,7 +518,10 @@ impl Leader {
                 }
                 // Only a snapshot created between its read and its watch ends the read with
                 // `NoNode`: nothing failed, so read again at once.
-                Err(zk::Error::NoNode) => {
+                Err(ZnodeError {
+                    error: zk::Error::NoNode,
+                    ..
+                }) => {
                     debug!(
                         "cluster {}: a dependency snapshot appeared during the read; reading again",
                         leader.config.cluster
@@ -483,11 +529,8 @@ impl Leader {
                     leader.watch_dependencies(ctx);
                 }
                 Err(err) => {
-                    warn!(
-                        "cluster {}: cannot read the dependencies: {err}",
-                        leader.config.cluster
-                    );
-                    ctx.run_later(READ_RETRY_DELAY, move |leader, ctx| {
+                    let delay = leader.read_failed("read the dependencies", &err);
+                    ctx.run_later(delay, move |leader, ctx| {
                         if generation == leader.generation {
                             leader.watch_dependencies(ctx);
                         }
@@ -628,14 +671,21 @@ impl Leader {
             dependencies,
         };
         let cluster = self.config.cluster.clone();
+        let access = self.config.access.clone();
 
         let work = async move {
             let configured = match round.run(pods).await {
                 Ok(configured) => configured,
                 Err(reason) => return Err((reason, hash)),
             };
-            if let Err(err) = write_outcome(&client, &cluster, &configured, &hash).await {
-                return Err((format!("cannot write the snapshot and hash: {err}"), hash));
+            if let Err(err) = write_outcome(&client, &access, &cluster, &configured, &hash).await {
+                let reason = access
+                    .explain_denial(&err.error, Some(&err.path))
+                    .unwrap_or_else(|| err.to_string());
+                return Err((
+                    format!("cannot write the snapshot and hash: {reason}"),
+                    hash,
+                ));
             }
             Ok((configured, hash))
         };
@@ -897,28 +947,44 @@ impl Round {
 /// transaction, so that no reader (dependents, the next leader) reads one without the other.
 async fn write_outcome(
     client: &zk::Client,
+    access: &ZookeeperAccess,
     cluster: &str,
     pods: &Pods,
     hash: &str,
-) -> Result<(), zk::Error> {
+) -> Result<(), ZnodeError> {
     let snapshot = serde_json::to_vec(pods).expect("pods always serialize");
     let (snapshot_path, hash_path) = (layout::snapshot(cluster), layout::hash(cluster));
-    ensure_node(client, &snapshot_path, &snapshot).await?;
-    ensure_node(client, &hash_path, hash.as_bytes()).await?;
+    ensure_node(client, access, &snapshot_path, &snapshot).await?;
+    ensure_node(client, access, &hash_path, hash.as_bytes()).await?;
 
     let mut writer = client.new_multi_writer();
-    writer.add_set_data(&snapshot_path, &snapshot, None)?;
-    writer.add_set_data(&hash_path, hash.as_bytes(), None)?;
-    writer.commit().await?;
-    Ok(())
+    writer
+        .add_set_data(&snapshot_path, &snapshot, None)
+        .at(&snapshot_path)?;
+    writer
+        .add_set_data(&hash_path, hash.as_bytes(), None)
+        .at(&hash_path)?;
+    match writer.commit().await {
+        Ok(_) => Ok(()),
+        // The operations are in this order: the index names the znode that failed.
+        Err(zk::MultiWriteError::OperationFailed { index: 1, source }) => {
+            Err(source).at(&hash_path)
+        }
+        Err(err) => Err(err).at(&snapshot_path),
+    }
 }
 
 /// Creates a persistent node holding `data` unless it exists.
-async fn ensure_node(client: &zk::Client, path: &str, data: &[u8]) -> Result<(), zk::Error> {
-    let options = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+async fn ensure_node(
+    client: &zk::Client,
+    access: &ZookeeperAccess,
+    path: &str,
+    data: &[u8],
+) -> Result<(), ZnodeError> {
+    let options = zk::CreateMode::Persistent.with_acls(access.cluster_acls());
     match client.create(path, data, &options).await {
         Ok(_) | Err(zk::Error::NodeExists) => Ok(()),
-        Err(err) => Err(err),
+        Err(err) => Err(err).at(path),
     }
 }
 

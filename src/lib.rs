@@ -12,6 +12,7 @@
 //! - [`cluster`]: the view of the cluster a configuration round hands to each pod.
 //! - [`steps`]: the `LifeCycle` and `Model` traits an application implements.
 //! - [`layout`]: the znode paths of the ZooKeeper layout.
+//! - [`acl`]: the ZooKeeper credentials of a pod and the ACLs of the znodes it creates.
 //! - [`session`]: the ZooKeeper session, the pod's registration and re-registration (actor).
 //! - [`election`]: the lock recipe that elects one leader per cluster (actor).
 //! - [`plan`]: the leader's decisions as plain functions (dependencies, hash, views).
@@ -23,6 +24,7 @@
 //! - [`control`]: the HTTP control server and its client.
 //! - [`logging`]: the process logger and the last 32 KiB of log lines for `/log`.
 
+pub mod acl;
 pub mod binding;
 pub mod cluster;
 pub mod control;

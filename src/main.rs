@@ -10,8 +10,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use ochopod::acl::ZookeeperAccess;
 use ochopod::lifecycle::Verb;
-use ochopod::settings::{check_token, check_zookeeper, Token, MAX_SECONDS};
+use ochopod::settings::{check_token, check_zookeeper, Token, ZookeeperAuth, MAX_SECONDS};
 
 use cli::operator::{Action, Target};
 use cli::pattern::Pattern;
@@ -77,6 +78,11 @@ struct Common {
     /// ochopod_token or OCHOPOD_TOKEN]. Other users can read a flag in the process list
     #[arg(long, value_name = "SECRET")]
     token: Option<String>,
+    /// USER:PASSWORD that the ZooKeeper session authenticates with (digest scheme), needed when
+    /// the clusters' znodes are not world-readable [default: ochopod_zookeeper_auth or
+    /// OCHOPOD_ZOOKEEPER_AUTH]. Other users can read a flag in the process list
+    #[arg(long, value_name = "USER:PASSWORD")]
+    zookeeper_auth: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -214,6 +220,20 @@ fn target(pattern: &str, common: &Common, default_timeout: Duration) -> Result<T
     if let Some(token) = &token {
         check_token(token).map_err(|expected| format!("invalid token: expected {expected}"))?;
     }
+    let auth = common
+        .zookeeper_auth
+        .clone()
+        .or_else(|| std::env::var("OCHOPOD_ZOOKEEPER_AUTH").ok())
+        .or_else(|| std::env::var("ochopod_zookeeper_auth").ok())
+        .filter(|auth| !auth.is_empty())
+        .map(|auth| ZookeeperAuth::parse(&auth))
+        .transpose()
+        .map_err(|expected| {
+            format!(
+                "invalid ZooKeeper credentials (--zookeeper-auth or ochopod_zookeeper_auth): \
+                 expected {expected}"
+            )
+        })?;
 
     Ok(Target {
         zk,
@@ -221,6 +241,8 @@ fn target(pattern: &str, common: &Common, default_timeout: Duration) -> Result<T
         timeout,
         json: common.json,
         token: token.map(Token::new),
+        // The operator commands create no znode, so only the credentials matter.
+        access: ZookeeperAccess::new(auth, true),
     })
 }
 

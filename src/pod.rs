@@ -16,6 +16,7 @@ use actix::prelude::*;
 use log::{error, info, warn};
 use nix::sys::signal::Signal;
 
+use crate::acl::ZookeeperAccess;
 use crate::binding::{BindingError, Host, Identify, Identity, PlatformProbe};
 use crate::control::{start_control_server, ControlServer, RunningControlServer};
 use crate::election::{Election, Resign};
@@ -119,9 +120,11 @@ impl Pod {
             .recv()
             .expect("the lifecycle starts its supervisor");
 
+        let access = ZookeeperAccess::from_settings(&settings);
         let session_config = SessionConfig {
             connect: identity.zk.clone(),
             session_timeout: seconds(settings.session_timeout),
+            access: access.clone(),
         };
         let session =
             Session::new(session_config, key.clone(), registration, telemetry.clone()).start();
@@ -148,6 +151,7 @@ impl Pod {
             control_timeout: seconds(settings.control_timeout),
             probe_every: seconds(settings.probe_every),
             token: settings.token.clone(),
+            access: access.clone(),
         };
         let leader = Leader::new(
             leader_config,
@@ -159,6 +163,7 @@ impl Pod {
         let election = Election::new(
             cluster.clone(),
             key.clone(),
+            access,
             leader.clone().recipient(),
             telemetry.clone(),
         )

@@ -12,6 +12,11 @@
 //!   subscribers get `Lost`, the actor builds a new client and registers again under the same
 //!   key and seq, then subscribers get `Registered` with the new client.
 //!
+//! A connection or registration that fails is tried again after a second. One that ZooKeeper
+//! denies (`NoAuth`, `AuthFailed`) is logged as an error that names the znode and what to
+//! check, and `/info` shows it as `zookeeper_error`. It is tried again after a delay that
+//! doubles up to a minute, because only an operator can change credentials or ACLs.
+//!
 //! The first registration is an ephemeral sequential node `pods/<key>.`; its sequence number
 //! becomes the pod's seq for the life of the process. Later registrations create the plain
 //! ephemeral node `pods/<key>.<seq>`, so a pod keeps its seq across session expiry. When a
@@ -26,6 +31,7 @@ use actix::prelude::*;
 use log::{debug, error, info, warn};
 use zookeeper_client as zk;
 
+use crate::acl::{self, AtZnode, ZnodeError, ZookeeperAccess};
 use crate::layout;
 use crate::registration::{child_name, parse_child_name, Registration};
 use crate::telemetry::{SessionState, Telemetry};
@@ -86,6 +92,8 @@ pub struct SessionConfig {
     /// ZooKeeper connection string, with an optional chroot.
     pub connect: String,
     pub session_timeout: Duration,
+    /// Credentials of every session and ACLs of the znodes the session actor creates.
+    pub access: ZookeeperAccess,
 }
 
 /// The session actor.
@@ -99,6 +107,8 @@ pub struct Session {
     seq: Option<i64>,
     /// Whether a `create` of the sequential node was sent and may have succeeded unseen.
     create_sent: bool,
+    /// Connections and registrations that ZooKeeper denied in a row, for the retry backoff.
+    denials: u32,
     client: Option<zk::Client>,
     /// Bumped for every new client, so that late replies of an older client are ignored.
     generation: u64,
@@ -122,6 +132,7 @@ impl Session {
             key,
             seq: None,
             create_sent: false,
+            denials: 0,
             client: None,
             generation: 0,
             registered: false,
@@ -157,7 +168,11 @@ impl Session {
 
         let generation = self.generation;
         let connect = self.config.connect.clone();
-        let connector = zk::Client::connector().with_session_timeout(self.config.session_timeout);
+        let connector = self
+            .config
+            .access
+            .connector()
+            .with_session_timeout(self.config.session_timeout);
         let attempt = async move { connector.connect(&connect).await };
 
         ctx.spawn(attempt.into_actor(self).map(move |result, session, ctx| {
@@ -178,16 +193,55 @@ impl Session {
                     session.register(ctx);
                 }
                 Err(err) => {
-                    warn!(
-                        "cluster {}: cannot connect to ZooKeeper at {}: {err}; retrying in {:?}",
-                        session.cluster(),
-                        session.config.connect,
-                        RETRY_DELAY
-                    );
-                    ctx.run_later(RETRY_DELAY, |session, ctx| session.connect(ctx));
+                    let failure =
+                        format!("cannot connect to ZooKeeper at {}", session.config.connect);
+                    session.retry_later(&failure, &err, None, ctx, Self::connect);
                 }
             }
         }));
+    }
+
+    /// Logs a failed connection or registration (a request on `znode`, if any) and schedules
+    /// `retry` on the same generation: after `RETRY_DELAY`, or after the growing denial backoff
+    /// when ZooKeeper denied access.
+    fn retry_later(
+        &mut self,
+        failure: &str,
+        err: &zk::Error,
+        znode: Option<&str>,
+        ctx: &mut Context<Self>,
+        retry: fn(&mut Self, &mut Context<Self>),
+    ) {
+        let delay = match self.config.access.explain_denial(err, znode) {
+            Some(explanation) => {
+                self.denials = self.denials.saturating_add(1);
+                let delay = acl::denied_retry_delay(self.denials);
+                error!(
+                    "cluster {}: {failure}: {explanation}; retrying in {} s (denial {} in a row)",
+                    self.cluster(),
+                    delay.as_secs(),
+                    self.denials
+                );
+                self.telemetry.update(|facts| {
+                    facts.zookeeper_error = Some(format!("{failure}: {explanation}"))
+                });
+                delay
+            }
+            None => {
+                let on_znode = znode.map(|path| format!("{path}: ")).unwrap_or_default();
+                warn!(
+                    "cluster {}: {failure}: {on_znode}{err}; retrying in {RETRY_DELAY:?}",
+                    self.cluster()
+                );
+                RETRY_DELAY
+            }
+        };
+        let generation = self.generation;
+        ctx.run_later(delay, move |session, ctx| {
+            if session.generation == generation && !session.closing {
+                retry(session, ctx);
+            }
+        });
     }
 
     /// Forwards the state changes of the current client to the actor.
@@ -220,9 +274,19 @@ impl Session {
         let search_first = self.create_sent;
         self.create_sent = seq.is_none();
         let registration = self.registration.clone();
+        let access = self.config.access.clone();
 
         let attempt = async move {
-            create_registration(&client, &cluster, &key, seq, search_first, registration).await
+            create_registration(
+                &client,
+                &access,
+                &cluster,
+                &key,
+                seq,
+                search_first,
+                registration,
+            )
+            .await
         };
 
         ctx.spawn(attempt.into_actor(self).map(move |result, session, ctx| {
@@ -234,11 +298,13 @@ impl Session {
                     session.seq = Some(seq);
                     session.create_sent = false;
                     session.registered = true;
+                    session.denials = 0;
                     session.registration.seq = seq;
                     let registration = session.registration.clone();
-                    session
-                        .telemetry
-                        .update(|facts| facts.registration = registration);
+                    session.telemetry.update(|facts| {
+                        facts.registration = registration;
+                        facts.zookeeper_error = None;
+                    });
                     info!(
                         "cluster {}: registered as {} (seq {seq})",
                         session.cluster(),
@@ -248,19 +314,28 @@ impl Session {
                         session.publish(SessionEvent::Registered { client });
                     }
                 }
-                Err(zk::Error::SessionExpired) | Err(zk::Error::ClientClosed) => {
+                Err(ZnodeError {
+                    error: zk::Error::SessionExpired | zk::Error::ClientClosed,
+                    ..
+                }) => {
                     debug!(
                         "cluster {}: registration stopped by the end of its session",
                         session.cluster()
                     );
                 }
-                Err(err) => {
-                    warn!(
-                        "cluster {}: cannot register in ZooKeeper: {err}; retrying in {:?}",
-                        session.cluster(),
-                        RETRY_DELAY
+                Err(ZnodeError {
+                    error: zk::Error::AuthFailed,
+                    ..
+                }) => {
+                    debug!(
+                        "cluster {}: registration stopped by a failed authentication, which \
+                         the session state reports",
+                        session.cluster()
                     );
-                    ctx.run_later(RETRY_DELAY, |session, ctx| session.register(ctx));
+                }
+                Err(ZnodeError { path, error }) => {
+                    let failure = "cannot register in ZooKeeper";
+                    session.retry_later(failure, &error, Some(&path), ctx, Self::register);
                 }
             }
         }));
@@ -298,20 +373,23 @@ impl Session {
                     self.set_state(SessionState::Closed);
                     return;
                 }
+                self.set_state(SessionState::Expired);
+                self.publish(SessionEvent::Lost);
                 if state == AuthFailed {
-                    error!(
-                        "cluster {}: ZooKeeper rejected the session's authentication",
-                        self.cluster()
-                    );
+                    // Reconnecting at once would fail the same way: back off like a denied
+                    // connection, on a generation that ignores the failed client.
+                    self.generation += 1;
+                    self.client = None;
+                    self.registered = false;
+                    let failure = "ZooKeeper ended the session";
+                    self.retry_later(failure, &zk::Error::AuthFailed, None, ctx, Self::connect);
                 } else {
                     warn!(
                         "cluster {}: ZooKeeper session {state:?}, registering again",
                         self.cluster()
                     );
+                    self.connect(ctx);
                 }
-                self.set_state(SessionState::Expired);
-                self.publish(SessionEvent::Lost);
-                self.connect(ctx);
             }
         }
     }
@@ -445,20 +523,17 @@ impl Handler<CloseSession> for Session {
 /// reply reaching us: the pod's node is then looked up by key before creating another one.
 async fn create_registration(
     client: &zk::Client,
+    access: &ZookeeperAccess,
     cluster: &str,
     key: &str,
     seq: Option<i64>,
     search_first: bool,
     mut registration: Registration,
-) -> Result<i64, zk::Error> {
+) -> Result<i64, ZnodeError> {
     let pods = layout::pods(cluster);
-    let directory = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
-    client.mkdir(&pods, &directory).await?;
-    client
-        .mkdir(&layout::coordinator(cluster), &directory)
-        .await?;
+    create_directories(client, access, cluster).await?;
 
-    let ephemeral = zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all());
+    let ephemeral = zk::CreateMode::Ephemeral.with_acls(access.cluster_acls());
     let seq = match seq {
         Some(seq) => seq,
         None => {
@@ -470,9 +545,9 @@ async fn create_registration(
             let data = serde_json::to_vec(&registration).expect("a registration always serializes");
             let drawn = match found {
                 Some(seq) => seq,
-                None => create_sequential(client, &pods, key, &data).await?,
+                None => create_sequential(client, access, &pods, key, &data).await?,
             };
-            ensure_seq_unique(client, cluster, &pods, key, drawn, &data).await?
+            ensure_seq_unique(client, access, cluster, &pods, key, drawn, &data).await?
         }
     };
 
@@ -484,34 +559,85 @@ async fn create_registration(
         Err(zk::Error::NodeExists) => {
             // Our own node (created by the sequential create above, or by an earlier attempt on
             // this session): write the full registration, with its seq, into it.
-            let stat = client.check_stat(&path).await?;
+            let stat = client.check_stat(&path).await.at(&path)?;
             let owner = stat.map(|stat| stat.ephemeral_owner).unwrap_or_default();
             if owner != client.session_id().0 {
                 // Left by an earlier session of this process that the server has not expired
                 // yet: replace it so that it vanishes with our current session.
                 warn!("cluster {cluster}: replacing {path}, still held by an older session {owner:#x}");
-                client.delete(&path, None).await.or_else(ignore_no_node)?;
-                client.create(&path, &data, &ephemeral).await?;
+                client
+                    .delete(&path, None)
+                    .await
+                    .or_else(ignore_no_node)
+                    .at(&path)?;
+                client.create(&path, &data, &ephemeral).await.at(&path)?;
             } else {
-                client.set_data(&path, &data, None).await?;
+                client.set_data(&path, &data, None).await.at(&path)?;
             }
         }
-        Err(err) => return Err(err),
+        Err(err) => return Err(err).at(&path),
     }
     Ok(seq)
+}
+
+/// Creates the cluster's `pods` and `coordinator` znodes and their parents unless they exist.
+///
+/// Without credentials every znode is open, as before ACLs existed. With credentials the
+/// parents that every cluster shares are created open (and only when missing, so that an
+/// operator may create them with stricter ACLs), and the cluster's own znodes get the cluster's
+/// ACLs. A cluster directory that an agent without credentials created stays open: it is
+/// reported, not changed.
+async fn create_directories(
+    client: &zk::Client,
+    access: &ZookeeperAccess,
+    cluster: &str,
+) -> Result<(), ZnodeError> {
+    let directory = zk::CreateMode::Persistent.with_acls(access.cluster_acls());
+    if access.is_authenticated() {
+        let shared = zk::CreateMode::Persistent.with_acls(access.shared_acls());
+        let clusters = layout::CLUSTERS;
+        if client.check_stat(clusters).await.at(clusters)?.is_none() {
+            client.mkdir(clusters, &shared).await.at(clusters)?;
+        }
+    }
+
+    let pods = layout::pods(cluster);
+    client.mkdir(&pods, &directory).await.at(&pods)?;
+    let coordinator = layout::coordinator(cluster);
+    client
+        .mkdir(&coordinator, &directory)
+        .await
+        .at(&coordinator)?;
+
+    if access.is_authenticated() {
+        let path = layout::cluster(cluster);
+        let (acls, _) = client.get_acl(&path).await.at(&path)?;
+        if let Some(permission) = acl::world_permission_beyond_read(&acls) {
+            warn!(
+                "cluster {cluster}: {path} grants {permission} to anyone, so `zookeeper_auth` \
+                 does not protect it: its znodes were created without credentials and keep \
+                 their ACLs. Set the ACLs of the cluster's persistent znodes with zkCli \
+                 (`setAcl -R {path} auth::cdrwa,world:anyone:r` in a session that ran \
+                 `addauth digest <user>:<password>`), or delete them while no pod runs"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Creates the ephemeral sequential node `pods/<key>.` and returns its sequence number.
 async fn create_sequential(
     client: &zk::Client,
+    access: &ZookeeperAccess,
     pods: &str,
     key: &str,
     data: &[u8],
-) -> Result<i64, zk::Error> {
-    let sequential = zk::CreateMode::EphemeralSequential.with_acls(zk::Acls::anyone_all());
+) -> Result<i64, ZnodeError> {
+    let sequential = zk::CreateMode::EphemeralSequential.with_acls(access.cluster_acls());
     let (_, sequence) = client
         .create(&format!("{pods}/{key}."), data, &sequential)
-        .await?;
+        .await
+        .at(pods)?;
     Ok(sequence.into_i64())
 }
 
@@ -530,14 +656,15 @@ async fn create_sequential(
 /// only avoided, not passed, so it cannot stall the registration.
 async fn ensure_seq_unique(
     client: &zk::Client,
+    access: &ZookeeperAccess,
     cluster: &str,
     pods: &str,
     key: &str,
     mut drawn: i64,
     data: &[u8],
-) -> Result<i64, zk::Error> {
+) -> Result<i64, ZnodeError> {
     loop {
-        let children = client.list_children(pods).await?;
+        let children = client.list_children(pods).await.at(pods)?;
         let taken: BTreeSet<i64> = children
             .iter()
             .filter_map(|child| parse_child_name(child))
@@ -553,16 +680,18 @@ async fn ensure_seq_unique(
             "cluster {cluster}: drawn seq {drawn} is held by another pod (the pods znode was \
              created anew); drawing another one above seq {highest}"
         );
+        let own = format!("{pods}/{}", child_name(key, drawn));
         client
-            .delete(&format!("{pods}/{}", child_name(key, drawn)), None)
+            .delete(&own, None)
             .await
-            .or_else(ignore_no_node)?;
+            .or_else(ignore_no_node)
+            .at(&own)?;
         // The counter is at drawn + 1 or more, so highest - drawn more creations pass highest.
         let steps = highest - drawn;
         if steps <= MAX_COUNTER_ADVANCE {
-            advance_counter(client, pods, key, steps).await?;
+            advance_counter(client, access, pods, key, steps).await?;
         }
-        drawn = create_sequential(client, pods, key, data).await?;
+        drawn = create_sequential(client, access, pods, key, data).await?;
     }
 }
 
@@ -576,29 +705,34 @@ const ADVANCE_BATCH: i64 = 500;
 /// child `steps` times: ZooKeeper counts every creation of a child.
 async fn advance_counter(
     client: &zk::Client,
+    access: &ZookeeperAccess,
     pods: &str,
     key: &str,
     steps: i64,
-) -> Result<(), zk::Error> {
+) -> Result<(), ZnodeError> {
     let scratch = format!("{pods}/{key}.advance");
-    let ephemeral = zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all());
+    let ephemeral = zk::CreateMode::Ephemeral.with_acls(access.cluster_acls());
     let mut left = steps;
     while left > 0 {
         let pairs = left.min(ADVANCE_BATCH);
         let mut writer = client.new_multi_writer();
         for _ in 0..pairs {
-            writer.add_create(&scratch, b"", &ephemeral)?;
-            writer.add_delete(&scratch, None)?;
+            writer.add_create(&scratch, b"", &ephemeral).at(&scratch)?;
+            writer.add_delete(&scratch, None).at(&scratch)?;
         }
-        writer.commit().await?;
+        writer.commit().await.at(&scratch)?;
         left -= pairs;
     }
     Ok(())
 }
 
 /// Finds the seq of the pod's node among the children of `pods`.
-async fn find_by_key(client: &zk::Client, pods: &str, key: &str) -> Result<Option<i64>, zk::Error> {
-    let children = client.list_children(pods).await?;
+async fn find_by_key(
+    client: &zk::Client,
+    pods: &str,
+    key: &str,
+) -> Result<Option<i64>, ZnodeError> {
+    let children = client.list_children(pods).await.at(pods)?;
     Ok(children
         .iter()
         .filter_map(|child| parse_child_name(child))

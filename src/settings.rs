@@ -9,6 +9,7 @@
 mod source;
 mod token;
 mod value;
+mod zookeeper_auth;
 
 #[cfg(test)]
 mod tests;
@@ -23,6 +24,9 @@ use serde::{Deserialize, Serialize};
 pub use source::{Sources, KEYS};
 pub use token::{check_token, Token, MAX_TOKEN_CHARS, MIN_TOKEN_CHARS, REDACTED};
 pub use value::MAX_SECONDS;
+pub use zookeeper_auth::{
+    check_zookeeper_auth, ZookeeperAuth, MAX_ZOOKEEPER_AUTH_CHARS, MIN_ZOOKEEPER_PASSWORD_CHARS,
+};
 
 /// Every setting of a pod, after merging and validation.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -50,6 +54,14 @@ pub struct Settings {
     /// Shared secret that `/control/*` and `/reset` requests must carry; none means open.
     /// Printed as a placeholder by `Debug` and `Serialize`.
     pub token: Option<Token>,
+    /// `user:password` that every ZooKeeper session of the pod authenticates with (ZooKeeper's
+    /// `digest` scheme). With it, the znodes the pod creates grant every right to that identity
+    /// only, plus READ to anyone when `zookeeper_world_read` is set. Without it, anyone may do
+    /// anything with them. `Debug` and `Serialize` hide the password.
+    pub zookeeper_auth: Option<ZookeeperAuth>,
+    /// Let anyone read the znodes the pod creates when `zookeeper_auth` is set, so dependent
+    /// clusters with other credentials, monitoring and `ochopod ls` can read them.
+    pub zookeeper_world_read: bool,
 
     // Model settings (leader behaviour).
     /// Seconds the leader waits after a change before configuring.
@@ -122,6 +134,8 @@ impl Default for Settings {
             ip: None,
             exit_when_dead: false,
             token: None,
+            zookeeper_auth: None,
+            zookeeper_world_read: true,
             damper: 0.0,
             depends_on: Vec::new(),
             full_shutdown: false,

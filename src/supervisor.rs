@@ -55,8 +55,9 @@ const GROUP_POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// search reads the process table.
 const ESCAPED_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Environment variable of the shared token (in any case), which sub-processes do not inherit.
-const TOKEN_VARIABLE: &str = "ochopod_token";
+/// Environment variables of the agent's secrets (in any case), which sub-processes do not
+/// inherit: the shared token and the ZooKeeper credentials.
+const SECRET_VARIABLES: &[&str] = &["ochopod_token", "ochopod_zookeeper_auth"];
 
 /// Maximum length in bytes of one logged line of sub-process output; longer lines are split.
 const MAX_LOGGED_LINE: u64 = 16 * 1024;
@@ -685,7 +686,7 @@ pub fn pod_facts(telemetry: &Telemetry) -> String {
 }
 
 /// Builds the command of a sub-process: its own process group (so a tear-down reaches every
-/// process it started), no stdin, the agent's environment without the shared token, plus
+/// process it started), no stdin, the agent's environment without its secrets, plus
 /// `ochopod`, the run id and the command's own.
 fn build_command(
     command: &SubCommand,
@@ -710,10 +711,13 @@ fn build_command(
         .process_group(0)
         .stdin(Stdio::null())
         .env("ochopod", facts);
-    // The workload has no use for the control API's secret; hooks, which are the operator's own
-    // code, keep it.
+    // The workload has no use for the control API's token or the ZooKeeper credentials, but
+    // hooks, which are the operator's own code, keep them.
     for (name, _) in std::env::vars_os() {
-        if name.eq_ignore_ascii_case(TOKEN_VARIABLE) {
+        if SECRET_VARIABLES
+            .iter()
+            .any(|secret| name.eq_ignore_ascii_case(secret))
+        {
             process.env_remove(name);
         }
     }

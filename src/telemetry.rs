@@ -1,8 +1,9 @@
 //! Runtime facts of a pod that the control server publishes in `/info` and `/metrics`.
 //!
 //! Each fact has one writer, the actor that owns it (the lifecycle writes the process state,
-//! the election and leader write the role, the session writes the session state); the control
-//! server only reads. A plain mutex is enough: every critical section is a copy of a few fields.
+//! the election and leader write the role, the session writes the session state and the
+//! ZooKeeper error); the control server only reads. A plain mutex is enough: every critical
+//! section is a copy of a few fields.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -100,6 +101,9 @@ pub struct Facts {
     /// cut off stops reporting the lead before another pod may take it. `None` leaves the role
     /// as written.
     pub leader_lease: Option<Instant>,
+    /// Explanation of the ZooKeeper denial (credentials or ACLs) that keeps this pod from
+    /// connecting or registering, with what to check. `None` once the pod is registered.
+    pub zookeeper_error: Option<String>,
 }
 
 /// Shared, single-writer-per-field facts plus request counters.

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use ochopod::acl::ZookeeperAccess;
 use ochopod::election::LeadershipEvent;
 use ochopod::layout;
 use ochopod::leader::{Leader, LeaderConfig};
@@ -162,6 +163,7 @@ fn start_leader(cluster: &str, damper: Duration) -> Addr<Leader> {
         control_timeout: Duration::from_secs(5),
         probe_every: Duration::ZERO,
         token: None,
+        access: ZookeeperAccess::default(),
     };
     let sink = StatusSink.start();
     Leader::new(

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::prelude::*;
+use ochopod::acl::ZookeeperAccess;
 use ochopod::election::{Election, LeadershipEvent, Resign};
 use ochopod::layout;
 use ochopod::registration::{child_name, Registration};
@@ -51,6 +52,7 @@ fn start_session(connect: &str, namespace: &str, key: &str, timeout: Duration) -
     let config = SessionConfig {
         connect: connect.to_string(),
         session_timeout: timeout,
+        access: ZookeeperAccess::default(),
     };
     Session::new(
         config,
@@ -238,6 +240,7 @@ async fn start_member(connect: &str, namespace: &str, key: &str) -> Member {
     let election = Election::new(
         cluster,
         key.to_string(),
+        ZookeeperAccess::default(),
         leader.recipient(),
         Arc::new(Telemetry::default()),
     )

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use awc::http::Method;
 use futures::future::join_all;
+use ochopod::acl::ZookeeperAccess;
 use ochopod::cluster::Pods;
 use ochopod::control::{self, Credentials, SendError};
 use ochopod::layout;
@@ -32,6 +33,8 @@ pub struct Target {
     pub json: bool,
     /// Shared token sent with the requests that change pods.
     pub token: Option<Token>,
+    /// Credentials of the ZooKeeper session.
+    pub access: ZookeeperAccess,
 }
 
 /// The action an operator command performs on each pod.
@@ -324,15 +327,18 @@ async fn read_snapshot(client: &zk::Client, qualified: &str) -> Option<Pods> {
 
 /// Connects to ZooKeeper and reads the registrations of the matching clusters.
 async fn find(target: &Target) -> Result<(zk::Client, Found), String> {
-    let connecting = zk::Client::connector()
+    let connecting = target
+        .access
+        .connector()
         .with_session_timeout(target.timeout)
         .connect(&target.zk);
     let client = match tokio::time::timeout(target.timeout, connecting).await {
         Ok(Ok(client)) => client,
         Ok(Err(error)) => {
             return Err(format!(
-                "cannot connect to ZooKeeper at {}: {error}",
-                target.zk
+                "cannot connect to ZooKeeper at {}: {}",
+                target.zk,
+                explain(&error, &target.access)
             ))
         }
         Err(_) => {
@@ -344,7 +350,7 @@ async fn find(target: &Target) -> Result<(zk::Client, Found), String> {
         }
     };
 
-    let reading = read_clusters(&client, &target.pattern);
+    let reading = read_clusters(&client, &target.pattern, &target.access);
     let found = match tokio::time::timeout(target.timeout, reading).await {
         Ok(found) => found?,
         Err(_) => {
@@ -358,11 +364,21 @@ async fn find(target: &Target) -> Result<(zk::Client, Found), String> {
     Ok((client, found))
 }
 
-async fn read_clusters(client: &zk::Client, pattern: &Pattern) -> Result<Found, String> {
+async fn read_clusters(
+    client: &zk::Client,
+    pattern: &Pattern,
+    access: &ZookeeperAccess,
+) -> Result<Found, String> {
     let mut all_clusters = match client.list_children(layout::CLUSTERS).await {
         Ok(children) => children,
         Err(zk::Error::NoNode) => Vec::new(),
-        Err(error) => return Err(format!("cannot list {}: {error}", layout::CLUSTERS)),
+        Err(error) => {
+            return Err(format!(
+                "cannot list {}: {}",
+                layout::CLUSTERS,
+                explain(&error, access)
+            ))
+        }
     };
     all_clusters.sort();
 
@@ -376,7 +392,12 @@ async fn read_clusters(client: &zk::Client, pattern: &Pattern) -> Result<Found, 
         let children = match client.list_children(&pods_path).await {
             Ok(children) => children,
             Err(zk::Error::NoNode) => continue,
-            Err(error) => return Err(format!("cannot list {pods_path}: {error}")),
+            Err(error) => {
+                return Err(format!(
+                    "cannot list {pods_path}: {}",
+                    explain(&error, access)
+                ))
+            }
         };
 
         let mut registrations = BTreeMap::new();
@@ -393,7 +414,9 @@ async fn read_clusters(client: &zk::Client, pattern: &Pattern) -> Result<Found, 
                 },
                 // The pod left between the listing and the read.
                 Err(zk::Error::NoNode) => {}
-                Err(error) => return Err(format!("cannot read {path}: {error}")),
+                Err(error) => {
+                    return Err(format!("cannot read {path}: {}", explain(&error, access)))
+                }
             }
         }
 
@@ -416,6 +439,25 @@ async fn read_clusters(client: &zk::Client, pattern: &Pattern) -> Result<Found, 
         targets,
         all_clusters,
     })
+}
+
+/// Describes a failed ZooKeeper request, with what to pass when ZooKeeper denied it.
+fn explain(error: &zk::Error, access: &ZookeeperAccess) -> String {
+    match (error, access.is_authenticated()) {
+        (zk::Error::NoAuth, false) => format!(
+            "{error}: the znode is not world-readable. Pass the cluster's credentials with \
+             --zookeeper-auth or ochopod_zookeeper_auth"
+        ),
+        (zk::Error::NoAuth, true) => format!(
+            "{error}: the znode's ACL does not grant the credentials of --zookeeper-auth or \
+             ochopod_zookeeper_auth. Pass the cluster's credentials"
+        ),
+        (zk::Error::AuthFailed, _) => format!(
+            "{error}: ZooKeeper rejected the session's authentication. Check \
+             --zookeeper-auth or ochopod_zookeeper_auth and what the servers require"
+        ),
+        _ => error.to_string(),
+    }
 }
 
 fn print_replies(action: &Action, documents: &[(&Pod, Option<u16>, Value)]) {

@@ -79,6 +79,14 @@ setting_flags! {
     /// Prefer ochopod_token or the file: other users can read a flag in the process list
     #[arg(value_name = "SECRET")]
     token,
+    /// ZooKeeper digest credentials, USER:PASSWORD. The cluster's znodes then grant every right
+    /// to that identity only [default: none, znodes open to anyone]. Prefer
+    /// ochopod_zookeeper_auth or the file: other users can read a flag in the process list
+    #[arg(value_name = "USER:PASSWORD")]
+    zookeeper_auth,
+    /// Let anyone read the cluster's znodes when zookeeper_auth is set [default: true]
+    #[arg(value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    zookeeper_world_read,
     /// Seconds the leader waits after a change before configuring [default: 0]
     #[arg(value_name = "SECONDS")]
     damper,

@@ -369,6 +369,7 @@ async fn info_reports_facts() {
         facts.role = Role::LeaderConfiguring;
         facts.restarts = 2;
         facts.metrics = json!({"load": 1});
+        facts.zookeeper_error = Some("cannot register in ZooKeeper: denied".to_string());
     });
 
     for method in [Method::GET, Method::POST] {
@@ -390,6 +391,10 @@ async fn info_reports_facts() {
         assert_eq!(info["status"], "3 pods");
         assert_eq!(info["metrics"], json!({"load": 1}));
         assert_eq!(info["restarts"], 2);
+        assert_eq!(
+            info["zookeeper_error"],
+            "cannot register in ZooKeeper: denied"
+        );
         assert_eq!(info["version"], AGENT_VERSION);
         assert!(info["uptime"].as_f64().unwrap() >= 0.0);
     }

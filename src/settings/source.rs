@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use log::warn;
 
 use super::value::{self, Input, Raw};
-use super::{check_token, Origin, Settings, SettingsError, Token};
+use super::{
+    check_token, check_zookeeper_auth, Origin, Settings, SettingsError, Token, ZookeeperAuth,
+};
 
 /// Inputs of the settings. The environment is passed in rather than read by `load`, so
 /// tests (and embedders) decide what it contains.
@@ -46,6 +48,8 @@ pub const KEYS: &[&str] = &[
     "ip",
     "exit_when_dead",
     "token",
+    "zookeeper_auth",
+    "zookeeper_world_read",
     "damper",
     "depends_on",
     "full_shutdown",
@@ -233,6 +237,18 @@ impl Merger {
             });
         }
 
+        if !settings.zookeeper_world_read && settings.zookeeper_auth.is_none() {
+            self.errors.push(SettingsError::Invalid {
+                key: "zookeeper_world_read".to_string(),
+                value: "false".to_string(),
+                expected: "true unless `zookeeper_auth` is set: without credentials the znodes \
+                           stay open to anyone, so set `zookeeper_auth` as well or remove \
+                           `zookeeper_world_read`"
+                    .to_string(),
+                origin: self.origin("zookeeper_world_read"),
+            });
+        }
+
         if let (Some(command), false) = (&settings.command, settings.shell) {
             if let Err(error) = shell_words::split(command) {
                 self.errors.push(SettingsError::Invalid {
@@ -266,6 +282,12 @@ fn set(settings: &mut Settings, input: &Input<'_>) -> Result<(), SettingsError> 
         "ip" => settings.ip = input.optional_text(value::ip_address)?,
         "exit_when_dead" => settings.exit_when_dead = input.boolean()?,
         "token" => settings.token = input.secret(check_token)?.map(Token::new),
+        "zookeeper_auth" => {
+            settings.zookeeper_auth = input
+                .secret(check_zookeeper_auth)?
+                .map(|text| ZookeeperAuth::parse(&text).expect("checked by check_zookeeper_auth"));
+        }
+        "zookeeper_world_read" => settings.zookeeper_world_read = input.boolean()?,
         "damper" => settings.damper = input.seconds(false)?,
         "depends_on" => settings.depends_on = input.list(value::dependency)?,
         "full_shutdown" => settings.full_shutdown = input.boolean()?,

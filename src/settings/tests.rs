@@ -552,3 +552,88 @@ fn invalid_token_not_quoted() {
     assert!(!message.contains("1234567890123456789"), "{message}");
     assert!(message.contains("a string"), "{message}");
 }
+
+#[test]
+fn zookeeper_auth_read_but_password_never_shown() {
+    let password = "5d1c9e0f7a2b4c6d8e0f";
+    let value = format!("shop:{password}");
+    for name in ["ochopod_zookeeper_auth", "OCHOPOD_ZOOKEEPER_AUTH"] {
+        let sources = Sources {
+            env: env(&[(name, &value)]),
+            ..Sources::default()
+        };
+        let settings = Settings::load(&sources).unwrap();
+        let auth = settings.zookeeper_auth.as_ref().unwrap();
+        assert_eq!(auth.user(), "shop");
+        assert_eq!(auth.expose(), value.as_bytes());
+        assert!(settings.zookeeper_world_read, "world-readable by default");
+
+        let debug = format!("{settings:?}");
+        assert!(!debug.contains(password), "{debug}");
+        let printed = serde_json::to_string(&settings).unwrap();
+        assert!(!printed.contains(password), "{printed}");
+        assert!(
+            printed.contains(r#""zookeeper_auth":"shop:<redacted>""#),
+            "{printed}"
+        );
+    }
+}
+
+#[test]
+fn zookeeper_auth_from_file_and_flag() {
+    let file =
+        file("zookeeper_auth = \"file-user:0123456789abcdef\"\nzookeeper_world_read = false\n");
+    let sources = Sources {
+        file: Some(file.path().to_path_buf()),
+        ..Sources::default()
+    };
+    let settings = Settings::load(&sources).unwrap();
+    assert_eq!(settings.zookeeper_auth.unwrap().user(), "file-user");
+    assert!(!settings.zookeeper_world_read);
+
+    let sources = Sources {
+        file: Some(file.path().to_path_buf()),
+        flags: flags(&[("zookeeper_auth", "flag-user:fedcba9876543210")]),
+        ..Sources::default()
+    };
+    let settings = Settings::load(&sources).unwrap();
+    assert_eq!(settings.zookeeper_auth.unwrap().user(), "flag-user");
+}
+
+#[test]
+fn invalid_zookeeper_auth_not_quoted() {
+    for (value, problem) in [
+        ("no-colon-in-this-value-at-all", "no `:`"),
+        (":0123456789abcdef", "user before the `:` is empty"),
+        ("shop:short", "password has 5 characters"),
+        ("shop:0123456789 abcdef", "spaces, control or non-ASCII"),
+    ] {
+        let message = env_error(&[("ochopod_zookeeper_auth", value)]);
+        assert!(message.contains("`zookeeper_auth`"), "{message}");
+        assert!(
+            message.contains("environment variable ochopod_zookeeper_auth"),
+            "{message}"
+        );
+        assert!(message.contains(problem), "{message}");
+        assert!(message.contains("<redacted>"), "{message}");
+        assert!(!message.contains(value), "{message}");
+    }
+    let message = file_error("zookeeper_auth = 42\n");
+    assert!(message.contains("a string"), "{message}");
+}
+
+#[test]
+fn zookeeper_world_read_needs_auth() {
+    let message = env_error(&[("ochopod_zookeeper_world_read", "false")]);
+    assert!(message.contains("`zookeeper_world_read`"), "{message}");
+    assert!(message.contains("set `zookeeper_auth`"), "{message}");
+
+    let sources = Sources {
+        env: env(&[("ochopod_zookeeper_world_read", "true")]),
+        ..Sources::default()
+    };
+    assert!(
+        Settings::load(&sources).is_ok(),
+        "true needs no credentials"
+    );
+}

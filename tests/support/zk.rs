@@ -129,10 +129,20 @@ impl ZkServer {
 
     /// Starts a standalone server like `start`, and returns the failure as a message.
     pub fn try_start() -> Result<ZkServer, String> {
+        Self::try_start_with_config("")
+    }
+
+    /// Starts a standalone server like `start`, with `extra` appended to its `zoo.cfg` (lines
+    /// such as `enforce.auth.enabled=true`).
+    pub fn start_with_config(extra: &str) -> ZkServer {
+        Self::try_start_with_config(extra).unwrap_or_else(|message| panic!("{message}"))
+    }
+
+    fn try_start_with_config(extra: &str) -> Result<ZkServer, String> {
         for attempt in 1..=START_ATTEMPTS {
             let port = pick_free_ports(1)?[0];
-            let server =
-                ZkServer::create(format!("ZooKeeper server on 127.0.0.1:{port}"), port, None)?;
+            let label = format!("ZooKeeper server on 127.0.0.1:{port}");
+            let server = ZkServer::create(label, port, None, extra)?;
             server.spawn()?;
 
             match server.wait_until_serving(Instant::now() + START_TIMEOUT) {
@@ -149,6 +159,7 @@ impl ZkServer {
         label: String,
         client_port: u16,
         quorum: Option<(usize, &[MemberPorts])>,
+        extra: &str,
     ) -> Result<ZkServer, String> {
         let dir = tempfile::Builder::new()
             .prefix("ochopod-zk-")
@@ -192,6 +203,7 @@ impl ZkServer {
             fs::write(&myid_path, format!("{}\n", index + 1))
                 .map_err(|error| format!("failed to write {}: {error}", myid_path.display()))?;
         }
+        config.push_str(extra);
 
         let config_path = dir.path().join("zoo.cfg");
         fs::write(&config_path, config)
@@ -547,6 +559,7 @@ impl ZkEnsemble {
                     label,
                     ports.client,
                     Some((index, &members)),
+                    "",
                 )?);
             }
             for server in &servers {
