@@ -13,7 +13,7 @@
 //! write `snapshot` and `hash`. Every request carries the leader's epoch for fencing.
 //!
 //! Leadership is a lease as well as a lock: the actor confirms its session with a `sync` every
-//! sixth of the session timeout, and holds the lead for two thirds of the timeout after the
+//! seventh of the session timeout, and holds the lead for two thirds of the timeout after the
 //! last confirmed request. ZooKeeper cannot expire the session, and so elect another leader,
 //! before a full timeout after that request. A leader that was frozen (SIGSTOP, a long pause)
 //! or cut off therefore stops starting rounds and sending requests, and `/info` stops
@@ -58,9 +58,11 @@ const READ_RETRY_DELAY: Duration = Duration::from_secs(1);
 /// Share of the negotiated session timeout the lead lasts after the last confirmed request.
 const LEASE_SHARE: (u32, u32) = (2, 3);
 
-/// Share of the negotiated session timeout between two lease renewals, so that the lease
-/// outlasts two failed renewals in a row.
-const RENEW_SHARE: (u32, u32) = (1, 6);
+/// Share of the negotiated session timeout between two lease renewals. The lease outlasts
+/// three failed renewals in a row. The share is just below the 3/20 of the timeout after
+/// which the ZooKeeper client pings an idle session, so each renewal stands in for a ping
+/// and an idle leader sends ZooKeeper no more packets than a follower does.
+const RENEW_SHARE: (u32, u32) = (1, 7);
 
 /// Control requests in flight at once during a parallel round.
 const FAN_OUT: usize = 64;
