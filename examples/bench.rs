@@ -336,9 +336,17 @@ impl Bench {
             .iter()
             .map(|pod| CpuTime::read(pod.pid()))
             .collect::<Result<_, _>>()?;
+        let packets_before = self.agent_packets()?;
         let window_start = Instant::now();
         thread::sleep(IDLE_CPU_WINDOW);
         let window = window_start.elapsed().as_secs_f64();
+        let packets_after = self.agent_packets()?;
+        self.results.add(
+            "idle 3-pod cluster: packets received by ZooKeeper",
+            "<= 1",
+            "per s",
+            packets_after.saturating_sub(packets_before) as f64 / window,
+        );
         for (pod, before) in pods.iter().zip(before) {
             let after = CpuTime::read(pod.pid())?;
             let scheduled = (after.scheduled_ns - before.scheduled_ns) as f64 / 1e9;
@@ -363,6 +371,22 @@ impl Bench {
             );
         }
         Ok(())
+    }
+
+    /// Returns the packets ZooKeeper received on every client connection but the bench's own,
+    /// from the `cons` command: at that moment, the connections of the idle 3-pod cluster.
+    fn agent_packets(&self) -> Result<u64, String> {
+        let own = format!("sid={}", self.probe.client.session_id());
+        let connections = support::zk::four_letter(&self.zk_connect, "cons")
+            .map_err(|error| format!("ZooKeeper did not answer `cons`: {error}"))?;
+        Ok(connections
+            .lines()
+            .filter(|line| line.contains("sid=0x") && !line.contains(&format!("{own},")))
+            .filter_map(|line| {
+                let (_, after) = line.split_once("recved=")?;
+                after.split(',').next()?.parse::<u64>().ok()
+            })
+            .sum())
     }
 
     /// Forms a 3-pod cluster, spawns a 4th pod and measures until it runs its sub-process
