@@ -15,6 +15,7 @@ use ochopod::lifecycle::Verb;
 use ochopod::settings::{check_token, check_zookeeper, Token, ZookeeperAuth, MAX_SECONDS};
 
 use cli::operator::{Action, Target};
+use cli::output::errln;
 use cli::pattern::Pattern;
 use cli::run::RunArgs;
 
@@ -247,6 +248,6 @@ fn target(pattern: &str, common: &Common, default_timeout: Duration) -> Result<T
 }
 
 fn usage_error(message: &str) -> i32 {
-    eprintln!("ochopod: {message}");
+    errln!("ochopod: {message}");
     2
 }

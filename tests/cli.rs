@@ -5,6 +5,7 @@ mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
+use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 
@@ -13,14 +14,47 @@ use support::pods::{binary, free_port};
 use support::{shared_server, unique_namespace};
 use zookeeper_client::{Acls, Client, CreateMode};
 
-/// Runs the binary with only the given environment variables.
-fn ochopod(args: &[&str], env: &[(&str, &str)]) -> Output {
+/// Builds a command of the binary with only the given environment variables.
+fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut command = Command::new(binary());
     command.args(args).env_clear().env("RUST_LOG", "warn");
     for (name, value) in env {
         command.env(name, value);
     }
-    command.output().expect("run the ochopod binary")
+    command
+}
+
+/// Runs the binary with only the given environment variables.
+fn ochopod(args: &[&str], env: &[(&str, &str)]) -> Output {
+    command(args, env).output().expect("run the ochopod binary")
+}
+
+/// Runs the binary with its stdout on a pipe whose reader is already closed, as in
+/// `ochopod ls | head -0`.
+fn ochopod_into_closed_pipe(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    command(args, env)
+        .stdout(writer)
+        .output()
+        .expect("run the ochopod binary")
+}
+
+/// Checks that a command whose stdout was closed ended as a Unix tool does: killed by SIGPIPE,
+/// without a panic message.
+fn assert_ended_by_sigpipe(args: &[&str], output: &Output) {
+    assert_eq!(
+        output.status.signal(),
+        Some(libc::SIGPIPE),
+        "{args:?}: {:?}, stderr: {}",
+        output.status,
+        stderr(output)
+    );
+    assert!(
+        !stderr(output).contains("panicked"),
+        "{args:?}: {}",
+        stderr(output)
+    );
 }
 
 fn stdout(output: &Output) -> String {
@@ -407,4 +441,32 @@ fn operator_commands_without_zookeeper() {
         "{}",
         stderr(&output)
     );
+}
+
+#[test]
+fn closed_stdout_ends_by_sigpipe() {
+    let zk = shared_server().connect_string();
+    let namespace = unique_namespace("pipe");
+    let (live_port, _requests) = fake_pod();
+    populate(&namespace, live_port, free_port());
+    let live_pod = format!("{namespace}.web#3");
+    let no_match = format!("{}.*", unique_namespace("none"));
+    let file = toml_file("cluster = \"redis\"\ncommand = \"sleep 1\"\n");
+    let config = file.path().to_str().unwrap();
+
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["run", "--print-settings", "--", "sleep", "1"],
+        vec!["check-config", config],
+        vec!["ls", &no_match, "--zk", &zk],
+        vec!["ls", &no_match, "--zk", &zk, "--json"],
+        vec!["ls", &live_pod, "--zk", &zk],
+        vec!["info", &live_pod, "--zk", &zk],
+        vec!["log", &live_pod, "--zk", &zk],
+        vec!["off", &live_pod, "--zk", &zk],
+        vec!["signal", &live_pod, "--zk", &zk, "--json"],
+    ];
+    for args in cases {
+        let output = ochopod_into_closed_pipe(&args, &[]);
+        assert_ended_by_sigpipe(&args, &output);
+    }
 }

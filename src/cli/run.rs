@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use clap::Args;
 use ochopod::settings::{Settings, SettingsError, Sources};
 
+use super::output::{errln, outln};
+
 /// Declares the flags that set one setting each, as text that the settings loader converts and
 /// validates like the environment's, so that every invalid value gets the same message.
 macro_rules! setting_flags {
@@ -188,7 +190,7 @@ pub fn run(args: RunArgs) -> i32 {
 
     if args.print_settings {
         let json = serde_json::to_string_pretty(&settings).expect("settings always serialize");
-        println!("{json}");
+        outln!("{json}");
         return 0;
     }
     super::start_pod(settings)
@@ -203,7 +205,7 @@ pub fn check_config(file: PathBuf) -> i32 {
     };
     match Settings::check(&sources) {
         Ok(_) => {
-            println!("OK: {} is valid", file.display());
+            outln!("OK: {} is valid", file.display());
             0
         }
         Err(errors) => {
@@ -215,6 +217,6 @@ pub fn check_config(file: PathBuf) -> i32 {
 
 fn report(errors: &[SettingsError]) {
     for error in errors {
-        eprintln!("ochopod: {error}");
+        errln!("ochopod: {error}");
     }
 }
