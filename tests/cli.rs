@@ -415,20 +415,63 @@ fn operator_commands_without_match() {
     let zk = shared_server().connect_string();
     let pattern = format!("{}.*", unique_namespace("none"));
 
+    // `ls` of an empty set is a valid listing.
     let output = ochopod(&["ls", &pattern, "--zk", &zk, "--json"], &[]);
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert_eq!(
         serde_json::from_str::<Value>(&stdout(&output)).unwrap(),
         json!([])
     );
-
-    let output = ochopod(&["info", &pattern, "--zk", &zk], &[]);
-    assert_eq!(output.status.code(), Some(1));
+    let output = ochopod(&["ls", &pattern, "--zk", &zk], &[]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(stdout(&output).lines().count(), 1, "{}", stdout(&output));
     assert!(
-        stderr(&output).contains(&format!("no pod matches `{pattern}`")),
+        stdout(&output).starts_with("CLUSTER"),
         "{}",
-        stderr(&output)
+        stdout(&output)
     );
+
+    // A command that acts on pods and finds none fails.
+    for verb in ["info", "log", "on", "off", "kill", "reset", "signal"] {
+        let output = ochopod(&[verb, &pattern, "--zk", &zk], &[]);
+        assert_eq!(output.status.code(), Some(1), "{verb}: {}", stderr(&output));
+        assert!(
+            stderr(&output).contains(&format!("no pod matches `{pattern}`")),
+            "{verb}: {}",
+            stderr(&output)
+        );
+        assert!(stdout(&output).is_empty(), "{verb}: {}", stdout(&output));
+    }
+}
+
+#[test]
+fn help_lists_exit_codes() {
+    let output = ochopod(&["--help"], &[]);
+    assert_eq!(output.status.code(), Some(0));
+    let help = stdout(&output);
+    assert!(help.contains("Exit codes:"), "{help}");
+    assert!(
+        help.contains("`ls` also exits 0 when no pod matches"),
+        "{help}"
+    );
+    assert!(help.contains("a pattern that matches no pod"), "{help}");
+    assert!(help.contains("141"), "{help}");
+
+    let output = ochopod(&["ls", "--help"], &[]);
+    assert!(
+        stdout(&output).contains("also when no pod matches"),
+        "{}",
+        stdout(&output)
+    );
+
+    for verb in ["info", "log", "on", "off", "kill", "reset", "signal"] {
+        let output = ochopod(&[verb, "--help"], &[]);
+        assert!(
+            stdout(&output).contains("when no pod matches the pattern"),
+            "{verb}: {}",
+            stdout(&output)
+        );
+    }
 }
 
 #[test]
