@@ -75,10 +75,13 @@ enum Command {
     Reset(TargetArgs),
     /// Run the signaled step of the matching pods with a JSON body
     Signal(SignalArgs),
-    /// Validate a TOML settings file and report every error
+    /// Validate a TOML settings file, its hooks and its command, and report every error
     CheckConfig {
         /// The TOML settings file
         file: PathBuf,
+        /// Command of the sub-process that `run` would get after `--`
+        #[arg(last = true, value_name = "COMMAND")]
+        argv: Vec<String>,
     },
 }
 
@@ -145,7 +148,7 @@ fn main() {
 
     let code = match cli.command {
         Command::Run(args) => cli::run::run(*args),
-        Command::CheckConfig { file } => cli::run::check_config(file),
+        Command::CheckConfig { file, argv } => cli::run::check_config(file, argv),
         Command::Ls(args) => operate(&args.pattern, &args.common, None, Duration::from_secs(5)),
         Command::Info(args) => operate(
             &args.pattern,

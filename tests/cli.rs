@@ -5,7 +5,9 @@ mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 
@@ -140,11 +142,22 @@ fn print_settings_shows_precedence() {
     assert_eq!(settings["port"], 8080);
 }
 
+/// Writes an executable shell script `name` into `directory`.
+fn write_hook(directory: &Path, name: &str) -> PathBuf {
+    let path = directory.join(name);
+    std::fs::write(&path, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
 #[test]
 fn check_config_accepts_valid_file() {
-    let file = toml_file("cluster = \"redis\"\nnamespace = \"shop.staging\"\ndepends_on = [\"zookeeper\"]\n[hooks]\nconfigure = \"./configure.sh\"\n");
+    let directory = tempfile::tempdir().unwrap();
+    write_hook(directory.path(), "configure.sh");
+    let file = directory.path().join("settings.toml");
+    std::fs::write(&file, "cluster = \"redis\"\nnamespace = \"shop.staging\"\ndepends_on = [\"zookeeper\"]\n[hooks]\nconfigure = \"./configure.sh\"\n").unwrap();
     let output = ochopod(
-        &["check-config", file.path().to_str().unwrap()],
+        &["check-config", file.to_str().unwrap()],
         &[("OCHOPOD_PORT", "0")],
     );
     assert_eq!(
@@ -154,6 +167,75 @@ fn check_config_accepts_valid_file() {
         stderr(&output)
     );
     assert!(stdout(&output).starts_with("OK: "), "{}", stdout(&output));
+}
+
+#[test]
+fn check_config_reports_hook_problems() {
+    let directory = tempfile::tempdir().unwrap();
+    let plain = write_hook(directory.path(), "probe.sh");
+    std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // The settings file names it relative to its own directory.
+    let plain = directory.path().join("./probe.sh");
+    let file = directory.path().join("settings.toml");
+    std::fs::write(
+        &file,
+        "command = \"sleep 1\"\n[hooks]\nconfigure = \"./absent.sh\"\nprobe = \"./probe.sh\"\n",
+    )
+    .unwrap();
+
+    let output = ochopod(&["check-config", file.to_str().unwrap()], &[]);
+    assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
+    let message = stderr(&output);
+    assert_eq!(message.lines().count(), 2, "{message}");
+    let absent = directory.path().join("./absent.sh");
+    assert!(
+        message.contains(&format!(
+            "hook `configure`: {} does not exist",
+            absent.display()
+        )),
+        "{message}"
+    );
+    assert!(message.contains("hooks.configure"), "{message}");
+    assert!(
+        message.contains(&format!(
+            "hook `probe`: {} is not executable",
+            plain.display()
+        )),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!("chmod +x {}", plain.display())),
+        "{message}"
+    );
+    assert!(stdout(&output).is_empty(), "{}", stdout(&output));
+}
+
+#[test]
+fn check_config_requires_command() {
+    let file = toml_file("cluster = \"redis\"\n");
+    let path = file.path().to_str().unwrap();
+    let output = ochopod(&["check-config", path], &[]);
+    assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
+    assert!(
+        stderr(&output).contains("no command to run"),
+        "{}",
+        stderr(&output)
+    );
+
+    // The command that `run` would get after `--` counts.
+    let search_path = std::env::var("PATH").unwrap_or_default();
+    let output = ochopod(
+        &["check-config", path, "--", "sleep", "1"],
+        &[("PATH", &search_path)],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+
+    let configure_only = toml_file("cluster = \"redis\"\nstart = false\n");
+    let output = ochopod(
+        &["check-config", configure_only.path().to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
 }
 
 #[test]
@@ -494,7 +576,7 @@ fn closed_stdout_ends_by_sigpipe() {
     populate(&namespace, live_port, free_port());
     let live_pod = format!("{namespace}.web#3");
     let no_match = format!("{}.*", unique_namespace("none"));
-    let file = toml_file("cluster = \"redis\"\ncommand = \"sleep 1\"\n");
+    let file = toml_file("cluster = \"redis\"\nstart = false\n");
     let config = file.path().to_str().unwrap();
 
     let cases: Vec<Vec<&str>> = vec![

@@ -327,6 +327,24 @@ fn unusable_cwd_or_program_exits_2() {
     agent.wait().unwrap();
 }
 
+#[test]
+fn missing_command_exits_2() {
+    let zookeeper = FakeZookeeper::new();
+
+    let output = run_agent(&[], &[], &zookeeper);
+    assert_start_error(
+        "no command and no configure hook",
+        &output,
+        &zookeeper,
+        &[
+            "no command to run",
+            "after `--`",
+            "`configure` hook",
+            "`start = false`",
+        ],
+    );
+}
+
 /// `signaled` hook whose behaviour depends on the request body's `mode`.
 const SIGNALED_HOOK: &str = r#"#!/bin/sh
 body=$(cat)

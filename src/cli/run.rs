@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
+use ochopod::hooks::HookRunner;
 use ochopod::settings::{Settings, SettingsError, Sources};
 
 use super::output::{errln, outln};
@@ -196,23 +197,32 @@ pub fn run(args: RunArgs) -> i32 {
     super::start_pod(settings)
 }
 
-/// Runs `ochopod check-config FILE`: validates the file alone (not the environment) and prints
-/// every error, or `OK`.
-pub fn check_config(file: PathBuf) -> i32 {
+/// Runs `ochopod check-config FILE [-- COMMAND]`: checks the file alone (not the environment)
+/// and the command after `--` as `run` does before it starts (settings, hooks, `cwd`, command),
+/// and prints every error, or `OK`.
+pub fn check_config(file: PathBuf, argv: Vec<String>) -> i32 {
     let sources = Sources {
         file: Some(file.clone()),
+        argv,
         ..Sources::default()
     };
-    match Settings::check(&sources) {
-        Ok(_) => {
-            outln!("OK: {} is valid", file.display());
-            0
-        }
+    let settings = match Settings::check(&sources) {
+        Ok(settings) => settings,
         Err(errors) => {
             report(&errors);
-            2
+            return 2;
         }
+    };
+
+    let problems = HookRunner::problems(&settings);
+    if !problems.is_empty() {
+        for problem in problems {
+            errln!("ochopod: {problem}");
+        }
+        return 2;
     }
+    outln!("OK: {} is valid", file.display());
+    0
 }
 
 fn report(errors: &[SettingsError]) {
