@@ -656,6 +656,18 @@ impl Lifecycle {
             } => (stop_first, initialize),
         };
 
+        for collision in cluster.dependency_collisions() {
+            warn!(
+                "on: dependencies `{}` and `{}` map to the same variable {}: it holds the \
+                 endpoints of `{}`, and `{}` is only in OCHOPOD_CLUSTER_JSON",
+                collision.kept,
+                collision.ignored,
+                collision.variable,
+                collision.kept,
+                collision.ignored
+            );
+        }
+
         let steps = self.steps.clone();
         let supervisor = self.supervisor.clone();
         let config = self.config.clone();
