@@ -347,6 +347,16 @@ enum OnPlan {
     Configure { stop_first: bool, initialize: bool },
 }
 
+/// Outcome of an `on` whose steps did not fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OnOutcome {
+    /// Configured, with the pid of the started sub-process (`None` when `start` is false).
+    Configured(Option<u32>),
+    /// The request's deadline passed before `configure` ran or while it ran (`configured`):
+    /// nothing was started.
+    Expired { configured: bool },
+}
+
 /// Decides whether a request taken from the queue may run.
 fn admit(
     state: &PodState,
@@ -588,7 +598,7 @@ impl Lifecycle {
                 info!("control `{}` started (epoch {epoch:?})", verb.as_str());
                 match request {
                     Request::Check(cluster) => self.check(cluster),
-                    Request::On(cluster) => self.turn_on(cluster),
+                    Request::On(cluster) => self.turn_on(cluster, deadline),
                     Request::Off => self.turn_off(),
                     Request::Ok(cluster) => self.confirm(cluster),
                     Request::Kill => self.kill("killed by a `kill` request"),
@@ -641,9 +651,14 @@ impl Lifecycle {
         Box::pin(step.into_actor(self))
     }
 
+    /// Runs `on`. A request whose deadline passes while the steps run starts nothing, because
+    /// its caller already received 408 and its leader will configure the pod again, possibly
+    /// with another view. The pod is then left unconfigured (or configured
+    /// without a sub-process, when one was torn down), so the next `on` configures again.
     fn turn_on(
         &mut self,
         cluster: Cluster,
+        deadline: Instant,
     ) -> ResponseActFuture<Self, Result<Value, ControlError>> {
         let (stop_first, initialize) = match plan_on(&self.state, &cluster, self.config.strict) {
             OnPlan::Keep => {
@@ -684,12 +699,20 @@ impl Lifecycle {
                     .await
                     .map_err(|error| format!("initialize failed: {error}"))?;
             }
+            if Instant::now() >= deadline {
+                return Ok(OnOutcome::Expired { configured: false });
+            }
             let configured = steps
                 .configure(&cluster)
                 .await
                 .map_err(|error| format!("configure failed: {error}"))?;
+            // Checked right before the spawn, so a request that expired while `configure` ran
+            // does not start the sub-process.
+            if Instant::now() >= deadline {
+                return Ok(OnOutcome::Expired { configured: true });
+            }
             if !config.start {
-                return Ok(None);
+                return Ok(OnOutcome::Configured(None));
             }
 
             let command = resolve_command(configured, &config, &cluster)?;
@@ -699,7 +722,7 @@ impl Lifecycle {
                 return Err("the agent is shutting down".to_string());
             }
             match supervisor.spawn.send(Spawn(command)).await {
-                Ok(Ok(pid)) => Ok(Some(pid)),
+                Ok(Ok(pid)) => Ok(OnOutcome::Configured(Some(pid))),
                 Ok(Err(error)) => Err(format!("cannot start the sub-process: {error}")),
                 Err(_) => Err("cannot start the sub-process: the supervisor is gone".to_string()),
             }
@@ -711,7 +734,21 @@ impl Lifecycle {
                 return Err(ControlError::Dead);
             }
             match result {
-                Ok(pid) => {
+                Ok(OnOutcome::Expired { configured }) => {
+                    let when = if configured { "during" } else { "before" };
+                    warn!(
+                        "on: the request timed out {when} configure: the sub-process is not \
+                         started from it, and the next `on` configures again"
+                    );
+                    lifecycle.state.initialized |= initialize;
+                    if lifecycle.state.phase == Phase::Running {
+                        // `stop_first` tore the sub-process down.
+                        lifecycle.state.phase = Phase::Configured;
+                        lifecycle.state.pid = None;
+                    }
+                    Err(ControlError::TimedOut)
+                }
+                Ok(OnOutcome::Configured(pid)) => {
                     lifecycle.state.initialized = true;
                     lifecycle.state.dependencies = Some(dependencies);
                     lifecycle.state.pid = pid;

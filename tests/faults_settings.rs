@@ -472,3 +472,42 @@ fn configure_printing_invalid_json_kills_pod() {
     assert!(log.contains("starting up..."), "the log quotes the output");
     assert!(log.contains("failed with 406"), "{log}");
 }
+
+#[test]
+fn configure_outliving_control_timeout_starts_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    // Counts its runs in the pod directory; the first run outlives the leader's 1 s timeout.
+    let configure = write_hook(
+        root.path(),
+        "configure",
+        "#!/bin/sh\ncount=$(( $(cat configures 2>/dev/null || echo 0) + 1 ))\necho $count > configures\n[ $count -gt 1 ] || sleep 2\n",
+    );
+    let server = shared_server();
+    let spec = PodSpec::new(&server.connect_string(), &unique_namespace("late"), "web")
+        .env("ochopod_control_timeout", "1")
+        .arg("--hooks")
+        .arg(&format!("configure={configure}"))
+        .shell("cat configures >> starts; exec sleep 600");
+    let pod = PodProcess::start(root.path(), "pod", &spec);
+
+    wait_until(WAIT, "the sub-process running with an idle leader", || {
+        pod.info()
+            .is_some_and(|info| info["process"] == "running" && info["state"] == "leader")
+    });
+    let starts = fs::read_to_string(pod.dir.join("starts")).unwrap();
+    assert_eq!(
+        starts.lines().count(),
+        1,
+        "one start, by a request that did not time out: {starts}"
+    );
+    assert_ne!(
+        starts.trim(),
+        "1",
+        "the sub-process started from the configure run whose request timed out"
+    );
+    let log = pod.log_text();
+    assert!(
+        log.contains("on: the request timed out during configure"),
+        "{log}"
+    );
+}
