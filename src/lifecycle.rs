@@ -459,9 +459,9 @@ fn parse_request(verb: Verb, body: impl Into<ControlBody>) -> Result<Request, Co
     let body = match body.into() {
         ControlBody::View(view) => {
             return Ok(match verb {
-                Verb::Check => Request::Check(*view),
-                Verb::On => Request::On(*view),
-                Verb::Ok => Request::Ok(*view),
+                Verb::Check => Request::Check(view_of_pod(verb, *view)?),
+                Verb::On => Request::On(view_of_pod(verb, *view)?),
+                Verb::Ok => Request::Ok(view_of_pod(verb, *view)?),
                 Verb::Off => Request::Off,
                 Verb::Kill => Request::Kill,
                 Verb::Signal => Request::Signal(
@@ -472,15 +472,37 @@ fn parse_request(verb: Verb, body: impl Into<ControlBody>) -> Result<Request, Co
         ControlBody::Json(body) => body,
     };
     match verb {
-        Verb::Check => parse_view(verb, body).map(Request::Check),
-        Verb::On => parse_view(verb, body).map(Request::On),
-        Verb::Ok => parse_view(verb, body).map(Request::Ok),
-        // Operators turn pods off without a view.
+        Verb::Check => Ok(Request::Check(view_of_pod(verb, parse_view(verb, body)?)?)),
+        Verb::On => Ok(Request::On(view_of_pod(verb, parse_view(verb, body)?)?)),
+        Verb::Ok => Ok(Request::Ok(view_of_pod(verb, parse_view(verb, body)?)?)),
+        // Operators turn pods off without a view, so `off` takes any view, even `{}`.
         Verb::Off if body.is_null() => Ok(Request::Off),
         Verb::Off => parse_view(verb, body).map(|_| Request::Off),
         Verb::Kill => Ok(Request::Kill),
         Verb::Signal => Ok(Request::Signal(body)),
     }
+}
+
+/// Checks that `view` is a view of the receiving pod: its `key` is one of its `pods`, as in
+/// every view a leader or `ochopod on` sends. Without that, the pod finds no index, seq or
+/// registration of its own in the view.
+fn view_of_pod(verb: Verb, view: Cluster) -> Result<Cluster, ControlError> {
+    let verb = verb.as_str();
+    if view.key.is_empty() {
+        return Err(ControlError::BadRequest(format!(
+            "the cluster view of `{verb}` has no `key`: send the key of the receiving pod, with \
+             that pod in `pods`, as the leader and `ochopod on` do"
+        )));
+    }
+    if view.me().is_none() {
+        return Err(ControlError::BadRequest(format!(
+            "the cluster view of `{verb}` is not a view of this pod: its `key` {:?} is not one \
+             of its {} `pods`; put the receiving pod in `pods`, as the leader and `ochopod on` do",
+            view.key,
+            view.pods.len()
+        )));
+    }
+    Ok(view)
 }
 
 fn parse_view(verb: Verb, body: Value) -> Result<Cluster, ControlError> {
@@ -1161,6 +1183,37 @@ mod tests {
     }
 
     #[test]
+    fn parse_request_requires_view_of_pod() {
+        let view = view_with_dependency("10.0.1.1", "");
+        for verb in [Verb::Check, Verb::On, Verb::Ok] {
+            let empty = parse_request(verb, json!({})).unwrap_err();
+            assert_eq!(empty.http_status(), 400, "{verb:?}");
+            assert!(empty.to_string().contains("has no `key`"), "{empty}");
+
+            let other = Cluster {
+                key: "stranger".to_string(),
+                ..view.clone()
+            };
+            for body in [
+                ControlBody::Json(serde_json::to_value(&other).unwrap()),
+                ControlBody::View(Box::new(other.clone())),
+            ] {
+                let error = parse_request(verb, body).unwrap_err();
+                assert_eq!(error.http_status(), 400, "{verb:?}");
+                assert!(
+                    error
+                        .to_string()
+                        .contains("\"stranger\" is not one of its 1 `pods`"),
+                    "{error}"
+                );
+            }
+
+            let parsed = ControlBody::View(Box::new(view.clone()));
+            assert!(parse_request(verb, parsed).is_ok(), "{verb:?}");
+        }
+    }
+
+    #[test]
     fn parse_request_checks_bodies() {
         let view = serde_json::to_value(view_with_dependency("10.0.1.1", "")).unwrap();
         assert!(matches!(
@@ -1185,6 +1238,10 @@ mod tests {
             let error = parse_request(verb, Value::Null).unwrap_err();
             assert_eq!(error.http_status(), 400);
         }
+        assert!(matches!(
+            parse_request(Verb::Off, json!({})),
+            Ok(Request::Off)
+        ));
         let wrong_type = parse_request(Verb::On, json!({"pods": 5})).unwrap_err();
         assert!(
             wrong_type.to_string().contains("invalid cluster view"),

@@ -413,7 +413,8 @@ fn runtime_hook_failures_get_406() {
     let (status, reply) = http(port, "POST", "/control/signal", r#"{"mode":"fail"}"#).unwrap();
     assert_406(&reply, status, &["exit code 3", "disk full on /data"]);
 
-    let (status, reply) = http(port, "POST", "/control/check", "{}").unwrap();
+    let view = r#"{"key": "a", "pods": {"a": {}}, "dependencies": {}}"#;
+    let (status, reply) = http(port, "POST", "/control/check", view).unwrap();
     assert_406(
         &reply,
         status,
