@@ -5,7 +5,7 @@
 //! body of each control request. The pod derives its index, the cluster size and the
 //! environment of its sub-process from it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -62,6 +62,11 @@ impl Cluster {
     /// Returns the environment a sub-process gets from this view: `OCHOPOD_INDEX`,
     /// `OCHOPOD_SEQ`, `OCHOPOD_SIZE`, `OCHOPOD_CLUSTER_JSON`, and one
     /// `OCHOPOD_DEP_<NAME>_<PORT>` per dependency and exposed container port.
+    ///
+    /// Dependency names that differ only in characters other than ASCII letters and digits
+    /// (`x-y` and `x_y`, `a.b` and `a_b`) map to the same variable. The name that sorts first
+    /// (by bytes: `-` before `.` before `_`) then gets it, and
+    /// [`Cluster::dependency_collisions`] lists the others.
     pub fn environment(&self) -> BTreeMap<String, String> {
         let mut environment = BTreeMap::new();
         if let Some(index) = self.index() {
@@ -74,18 +79,65 @@ impl Cluster {
         let json = serde_json::to_string(self).expect("a cluster view always serializes");
         environment.insert("OCHOPOD_CLUSTER_JSON".to_string(), json);
 
-        for (name, pods) in &self.dependencies {
-            let ports: std::collections::BTreeSet<u16> = pods
-                .values()
-                .flat_map(|pod| pod.ports.keys().filter_map(|port| port.parse().ok()))
-                .collect();
-            for port in ports {
-                let variable = format!("OCHOPOD_DEP_{}_{}", environment_name(name), port);
-                environment.insert(variable, self.grep(name, port, false));
-            }
+        for (name, port) in self.dependency_ports() {
+            // The dependencies are visited in name order, so the first name keeps a variable.
+            environment
+                .entry(dependency_variable(name, port))
+                .or_insert_with(|| self.grep(name, port, false));
         }
         environment
     }
+
+    /// Returns the dependencies whose `OCHOPOD_DEP_<NAME>_<PORT>` variable another dependency
+    /// already got (see [`Cluster::environment`]), in variable then name order.
+    pub fn dependency_collisions(&self) -> Vec<DependencyCollision> {
+        let mut owners: BTreeMap<String, &str> = BTreeMap::new();
+        let mut collisions = Vec::new();
+        for (name, port) in self.dependency_ports() {
+            let variable = dependency_variable(name, port);
+            match owners.get(&variable) {
+                Some(kept) => collisions.push(DependencyCollision {
+                    variable,
+                    kept: kept.to_string(),
+                    ignored: name.to_string(),
+                }),
+                None => {
+                    owners.insert(variable, name);
+                }
+            }
+        }
+        collisions.sort_by(|left, right| {
+            (&left.variable, &left.ignored).cmp(&(&right.variable, &right.ignored))
+        });
+        collisions
+    }
+
+    /// Returns each dependency name with each container port its pods expose, in name then
+    /// port order.
+    fn dependency_ports(&self) -> impl Iterator<Item = (&str, u16)> {
+        self.dependencies.iter().flat_map(|(name, pods)| {
+            let ports: BTreeSet<u16> = pods
+                .values()
+                .flat_map(|pod| pod.ports.keys().filter_map(|port| port.parse().ok()))
+                .collect();
+            ports.into_iter().map(move |port| (name.as_str(), port))
+        })
+    }
+}
+
+/// Two dependencies whose names map to the same `OCHOPOD_DEP_<NAME>_<PORT>` variable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DependencyCollision {
+    pub variable: String,
+    /// The dependency whose endpoints the variable holds: the name that sorts first.
+    pub kept: String,
+    /// The dependency left out of the variable. Its pods are still in `OCHOPOD_CLUSTER_JSON`.
+    pub ignored: String,
+}
+
+/// Returns the `OCHOPOD_DEP_<NAME>_<PORT>` variable of a dependency's container port.
+fn dependency_variable(name: &str, port: u16) -> String {
+    format!("OCHOPOD_DEP_{}_{}", environment_name(name), port)
 }
 
 /// Turns a dependency name into the part of an environment variable name: upper case, with
@@ -154,6 +206,33 @@ mod tests {
             "public-10.0.1.1:31001,public-10.0.1.2:2181"
         );
         assert_eq!(cluster.grep("absent", 2181, false), "");
+    }
+
+    #[test]
+    fn environment_keeps_first_colliding_dependency() {
+        let mut cluster = view();
+        let store = |ip: &str| BTreeMap::from([("s".to_string(), pod(ip, 1, &[(6379, 6379)]))]);
+        cluster.dependencies = BTreeMap::from([
+            ("x_y".to_string(), store("10.0.2.3")),
+            ("x-y".to_string(), store("10.0.2.1")),
+            ("x.y".to_string(), store("10.0.2.2")),
+            ("other".to_string(), store("10.0.2.4")),
+        ]);
+
+        let environment = cluster.environment();
+        assert_eq!(environment["OCHOPOD_DEP_X_Y_6379"], "10.0.2.1:6379");
+        assert_eq!(environment["OCHOPOD_DEP_OTHER_6379"], "10.0.2.4:6379");
+
+        let collision = |ignored: &str| DependencyCollision {
+            variable: "OCHOPOD_DEP_X_Y_6379".to_string(),
+            kept: "x-y".to_string(),
+            ignored: ignored.to_string(),
+        };
+        assert_eq!(
+            cluster.dependency_collisions(),
+            vec![collision("x.y"), collision("x_y")]
+        );
+        assert_eq!(view().dependency_collisions(), vec![]);
     }
 
     #[test]

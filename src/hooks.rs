@@ -127,6 +127,11 @@ pub enum HookError {
          correct the command, or print a command from a `configure` hook"
     )]
     ProgramNotFound { program: String, searched: String },
+    #[error(
+        "no command to run: set `command` in the settings, give one after `--`, add a \
+         `configure` hook that prints one, or set `start = false` if the pod runs no sub-process"
+    )]
+    NoCommand,
 }
 
 fn unknown_step_hint(suggestion: &Option<&'static str>) -> String {
@@ -175,19 +180,33 @@ impl HookRunner {
     }
 
     /// Checks what the binary's lifecycle needs before it starts: the `cwd` directory exists,
-    /// every hook names a known step and is an executable file, and the static command's
-    /// program can be found when no `configure` hook may replace it.
+    /// every hook names a known step and is an executable file, and a sub-process that starts
+    /// has a command: a static command whose program can be found, or a `configure` hook that
+    /// may print one.
     ///
     /// # Errors
     ///
-    /// Returns the first problem found (the directory, then hooks in step name order, then the
-    /// command), naming the setting, its path and the fix.
+    /// Returns the first of [`HookRunner::problems`].
     pub fn validate(settings: &Settings) -> Result<(), HookError> {
-        if let Some(cwd) = &settings.cwd {
-            check_directory(cwd)?;
+        match Self::problems(settings).into_iter().next() {
+            Some(problem) => Err(problem),
+            None => Ok(()),
         }
-        check_hooks(settings)?;
-        check_static_program(settings)
+    }
+
+    /// Returns every problem [`HookRunner::validate`] looks for, in this order: the directory,
+    /// the hooks in step name order, then the command. Each names the setting, its path and
+    /// the fix.
+    pub fn problems(settings: &Settings) -> Vec<HookError> {
+        let mut problems = Vec::new();
+        if let Some(cwd) = &settings.cwd {
+            problems.extend(check_directory(cwd).err());
+        }
+        for (name, path) in &settings.hooks {
+            problems.extend(check_hook(name, path).err());
+        }
+        problems.extend(check_command(settings).err());
+        problems
     }
 
     fn remember_view(&self, cluster: &Cluster) {
@@ -306,47 +325,45 @@ impl HookRunner {
     }
 }
 
-/// Checks that every hook names a known step and is an executable file.
-fn check_hooks(settings: &Settings) -> Result<(), HookError> {
-    for (name, path) in &settings.hooks {
-        if !HOOK_STEPS.contains(&name.as_str()) {
-            return Err(HookError::UnknownStep {
-                name: name.clone(),
-                suggestion: closest_step(name),
-            });
-        }
+/// Checks that a hook names a known step and is an executable file.
+fn check_hook(name: &str, path: &Path) -> Result<(), HookError> {
+    if !HOOK_STEPS.contains(&name) {
+        return Err(HookError::UnknownStep {
+            name: name.to_string(),
+            suggestion: closest_step(name),
+        });
+    }
 
-        let path = absolute(path);
-        let metadata = match std::fs::metadata(&path) {
-            Ok(metadata) => metadata,
-            Err(error) if error.kind() == io::ErrorKind::NotFound => {
-                return Err(HookError::Missing {
-                    name: name.clone(),
-                    path,
-                });
-            }
-            Err(error) => {
-                return Err(HookError::Unreadable {
-                    name: name.clone(),
-                    path,
-                    reason: error.to_string(),
-                });
-            }
-        };
-        if !metadata.is_file() {
-            return Err(HookError::NotAFile {
-                name: name.clone(),
+    let path = absolute(path);
+    let metadata = match std::fs::metadata(&path) {
+        Ok(metadata) => metadata,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {
+            return Err(HookError::Missing {
+                name: name.to_string(),
                 path,
             });
         }
-        let mode = metadata.permissions().mode() & 0o7777;
-        if mode & 0o111 == 0 {
-            return Err(HookError::NotExecutable {
-                name: name.clone(),
+        Err(error) => {
+            return Err(HookError::Unreadable {
+                name: name.to_string(),
                 path,
-                mode,
+                reason: error.to_string(),
             });
         }
+    };
+    if !metadata.is_file() {
+        return Err(HookError::NotAFile {
+            name: name.to_string(),
+            path,
+        });
+    }
+    let mode = metadata.permissions().mode() & 0o7777;
+    if mode & 0o111 == 0 {
+        return Err(HookError::NotExecutable {
+            name: name.to_string(),
+            path,
+            mode,
+        });
     }
     Ok(())
 }
@@ -362,6 +379,16 @@ fn check_directory(path: &Path) -> Result<(), HookError> {
         return Err(invalid("not a directory".to_string()));
     }
     Ok(())
+}
+
+/// Checks that a pod that starts a sub-process has a command: a static command, or a
+/// `configure` hook that may print one. Without either, every `on` would fail and kill the pod.
+fn check_command(settings: &Settings) -> Result<(), HookError> {
+    let has_static_command = !settings.argv.is_empty() || settings.command.is_some();
+    if settings.start && !has_static_command && !settings.hooks.contains_key("configure") {
+        return Err(HookError::NoCommand);
+    }
+    check_static_program(settings)
 }
 
 /// Checks that the program of the static command is an executable file when the command is

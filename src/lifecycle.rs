@@ -347,6 +347,16 @@ enum OnPlan {
     Configure { stop_first: bool, initialize: bool },
 }
 
+/// Outcome of an `on` whose steps did not fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OnOutcome {
+    /// Configured, with the pid of the started sub-process (`None` when `start` is false).
+    Configured(Option<u32>),
+    /// The request's deadline passed before `configure` ran or while it ran (`configured`):
+    /// nothing was started.
+    Expired { configured: bool },
+}
+
 /// Decides whether a request taken from the queue may run.
 fn admit(
     state: &PodState,
@@ -449,9 +459,9 @@ fn parse_request(verb: Verb, body: impl Into<ControlBody>) -> Result<Request, Co
     let body = match body.into() {
         ControlBody::View(view) => {
             return Ok(match verb {
-                Verb::Check => Request::Check(*view),
-                Verb::On => Request::On(*view),
-                Verb::Ok => Request::Ok(*view),
+                Verb::Check => Request::Check(view_of_pod(verb, *view)?),
+                Verb::On => Request::On(view_of_pod(verb, *view)?),
+                Verb::Ok => Request::Ok(view_of_pod(verb, *view)?),
                 Verb::Off => Request::Off,
                 Verb::Kill => Request::Kill,
                 Verb::Signal => Request::Signal(
@@ -462,15 +472,37 @@ fn parse_request(verb: Verb, body: impl Into<ControlBody>) -> Result<Request, Co
         ControlBody::Json(body) => body,
     };
     match verb {
-        Verb::Check => parse_view(verb, body).map(Request::Check),
-        Verb::On => parse_view(verb, body).map(Request::On),
-        Verb::Ok => parse_view(verb, body).map(Request::Ok),
-        // Operators turn pods off without a view.
+        Verb::Check => Ok(Request::Check(view_of_pod(verb, parse_view(verb, body)?)?)),
+        Verb::On => Ok(Request::On(view_of_pod(verb, parse_view(verb, body)?)?)),
+        Verb::Ok => Ok(Request::Ok(view_of_pod(verb, parse_view(verb, body)?)?)),
+        // Operators turn pods off without a view, so `off` takes any view, even `{}`.
         Verb::Off if body.is_null() => Ok(Request::Off),
         Verb::Off => parse_view(verb, body).map(|_| Request::Off),
         Verb::Kill => Ok(Request::Kill),
         Verb::Signal => Ok(Request::Signal(body)),
     }
+}
+
+/// Checks that `view` is a view of the receiving pod: its `key` is one of its `pods`, as in
+/// every view a leader or `ochopod on` sends. Without that, the pod finds no index, seq or
+/// registration of its own in the view.
+fn view_of_pod(verb: Verb, view: Cluster) -> Result<Cluster, ControlError> {
+    let verb = verb.as_str();
+    if view.key.is_empty() {
+        return Err(ControlError::BadRequest(format!(
+            "the cluster view of `{verb}` has no `key`: send the key of the receiving pod, with \
+             that pod in `pods`, as the leader and `ochopod on` do"
+        )));
+    }
+    if view.me().is_none() {
+        return Err(ControlError::BadRequest(format!(
+            "the cluster view of `{verb}` is not a view of this pod: its `key` {:?} is not one \
+             of its {} `pods`; put the receiving pod in `pods`, as the leader and `ochopod on` do",
+            view.key,
+            view.pods.len()
+        )));
+    }
+    Ok(view)
 }
 
 fn parse_view(verb: Verb, body: Value) -> Result<Cluster, ControlError> {
@@ -588,7 +620,7 @@ impl Lifecycle {
                 info!("control `{}` started (epoch {epoch:?})", verb.as_str());
                 match request {
                     Request::Check(cluster) => self.check(cluster),
-                    Request::On(cluster) => self.turn_on(cluster),
+                    Request::On(cluster) => self.turn_on(cluster, deadline),
                     Request::Off => self.turn_off(),
                     Request::Ok(cluster) => self.confirm(cluster),
                     Request::Kill => self.kill("killed by a `kill` request"),
@@ -641,9 +673,14 @@ impl Lifecycle {
         Box::pin(step.into_actor(self))
     }
 
+    /// Runs `on`. A request whose deadline passes while the steps run starts nothing, because
+    /// its caller already received 408 and its leader will configure the pod again, possibly
+    /// with another view. The pod is then left unconfigured (or configured
+    /// without a sub-process, when one was torn down), so the next `on` configures again.
     fn turn_on(
         &mut self,
         cluster: Cluster,
+        deadline: Instant,
     ) -> ResponseActFuture<Self, Result<Value, ControlError>> {
         let (stop_first, initialize) = match plan_on(&self.state, &cluster, self.config.strict) {
             OnPlan::Keep => {
@@ -655,6 +692,18 @@ impl Lifecycle {
                 initialize,
             } => (stop_first, initialize),
         };
+
+        for collision in cluster.dependency_collisions() {
+            warn!(
+                "on: dependencies `{}` and `{}` map to the same variable {}: it holds the \
+                 endpoints of `{}`, and `{}` is only in OCHOPOD_CLUSTER_JSON",
+                collision.kept,
+                collision.ignored,
+                collision.variable,
+                collision.kept,
+                collision.ignored
+            );
+        }
 
         let steps = self.steps.clone();
         let supervisor = self.supervisor.clone();
@@ -672,12 +721,20 @@ impl Lifecycle {
                     .await
                     .map_err(|error| format!("initialize failed: {error}"))?;
             }
+            if Instant::now() >= deadline {
+                return Ok(OnOutcome::Expired { configured: false });
+            }
             let configured = steps
                 .configure(&cluster)
                 .await
                 .map_err(|error| format!("configure failed: {error}"))?;
+            // Checked right before the spawn, so a request that expired while `configure` ran
+            // does not start the sub-process.
+            if Instant::now() >= deadline {
+                return Ok(OnOutcome::Expired { configured: true });
+            }
             if !config.start {
-                return Ok(None);
+                return Ok(OnOutcome::Configured(None));
             }
 
             let command = resolve_command(configured, &config, &cluster)?;
@@ -687,7 +744,7 @@ impl Lifecycle {
                 return Err("the agent is shutting down".to_string());
             }
             match supervisor.spawn.send(Spawn(command)).await {
-                Ok(Ok(pid)) => Ok(Some(pid)),
+                Ok(Ok(pid)) => Ok(OnOutcome::Configured(Some(pid))),
                 Ok(Err(error)) => Err(format!("cannot start the sub-process: {error}")),
                 Err(_) => Err("cannot start the sub-process: the supervisor is gone".to_string()),
             }
@@ -699,7 +756,21 @@ impl Lifecycle {
                 return Err(ControlError::Dead);
             }
             match result {
-                Ok(pid) => {
+                Ok(OnOutcome::Expired { configured }) => {
+                    let when = if configured { "during" } else { "before" };
+                    warn!(
+                        "on: the request timed out {when} configure: the sub-process is not \
+                         started from it, and the next `on` configures again"
+                    );
+                    lifecycle.state.initialized |= initialize;
+                    if lifecycle.state.phase == Phase::Running {
+                        // `stop_first` tore the sub-process down.
+                        lifecycle.state.phase = Phase::Configured;
+                        lifecycle.state.pid = None;
+                    }
+                    Err(ControlError::TimedOut)
+                }
+                Ok(OnOutcome::Configured(pid)) => {
                     lifecycle.state.initialized = true;
                     lifecycle.state.dependencies = Some(dependencies);
                     lifecycle.state.pid = pid;
@@ -1112,6 +1183,37 @@ mod tests {
     }
 
     #[test]
+    fn parse_request_requires_view_of_pod() {
+        let view = view_with_dependency("10.0.1.1", "");
+        for verb in [Verb::Check, Verb::On, Verb::Ok] {
+            let empty = parse_request(verb, json!({})).unwrap_err();
+            assert_eq!(empty.http_status(), 400, "{verb:?}");
+            assert!(empty.to_string().contains("has no `key`"), "{empty}");
+
+            let other = Cluster {
+                key: "stranger".to_string(),
+                ..view.clone()
+            };
+            for body in [
+                ControlBody::Json(serde_json::to_value(&other).unwrap()),
+                ControlBody::View(Box::new(other.clone())),
+            ] {
+                let error = parse_request(verb, body).unwrap_err();
+                assert_eq!(error.http_status(), 400, "{verb:?}");
+                assert!(
+                    error
+                        .to_string()
+                        .contains("\"stranger\" is not one of its 1 `pods`"),
+                    "{error}"
+                );
+            }
+
+            let parsed = ControlBody::View(Box::new(view.clone()));
+            assert!(parse_request(verb, parsed).is_ok(), "{verb:?}");
+        }
+    }
+
+    #[test]
     fn parse_request_checks_bodies() {
         let view = serde_json::to_value(view_with_dependency("10.0.1.1", "")).unwrap();
         assert!(matches!(
@@ -1136,6 +1238,10 @@ mod tests {
             let error = parse_request(verb, Value::Null).unwrap_err();
             assert_eq!(error.http_status(), 400);
         }
+        assert!(matches!(
+            parse_request(Verb::Off, json!({})),
+            Ok(Request::Off)
+        ));
         let wrong_type = parse_request(Verb::On, json!({"pods": 5})).unwrap_err();
         assert!(
             wrong_type.to_string().contains("invalid cluster view"),

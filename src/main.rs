@@ -1,8 +1,7 @@
 //! The `ochopod` binary. `run` starts a pod as a container's entrypoint, and the other
 //! subcommands are operator tools that read ZooKeeper and call the pods' control servers.
 //!
-//! Exit codes: 0 success, 1 failure at run time (or a pod that did not reply 200), 2 invalid
-//! command line or settings, reported before anything starts.
+//! Exit codes are listed in `EXIT_CODES`, which `ochopod --help` prints.
 
 mod cli;
 
@@ -15,17 +14,40 @@ use ochopod::lifecycle::Verb;
 use ochopod::settings::{check_token, check_zookeeper, Token, ZookeeperAuth, MAX_SECONDS};
 
 use cli::operator::{Action, Target};
+use cli::output::errln;
 use cli::pattern::Pattern;
 use cli::run::RunArgs;
 
 /// ZooKeeper of the operator commands when neither `--zk` nor `ochopod_zk`/`OCHOPOD_ZK` is set.
 const DEFAULT_ZOOKEEPER: &str = "127.0.0.1:2181";
 
+/// Exit codes of every subcommand, printed after the help. A pattern that matches no pod is an
+/// error for the commands that act on pods, because nothing was done, but `ls` of an empty set
+/// is a valid listing.
+const EXIT_CODES: &str = "\
+Exit codes:
+  0    success; `ls` also exits 0 when no pod matches, with an empty list
+  1    failure at run time: ZooKeeper unreachable, a pattern that matches no pod (info, log, on,
+       off, kill, reset, signal), or a pod that did not reply 200
+  2    invalid command line or settings, reported before anything starts
+  141  stdout closed before all output was written (ended by SIGPIPE, as `ls | head` ends)";
+
+/// Exit codes of `ls`, printed after its help.
+const LIST_EXIT_CODES: &str = "\
+Exit codes: 0 with the pods found, also when no pod matches (an empty list); 1 when ZooKeeper \
+cannot be read; 2 for invalid arguments.";
+
+/// Exit codes of the commands that act on pods, printed after their help.
+const TARGET_EXIT_CODES: &str = "\
+Exit codes: 0 when every matching pod replied 200; 1 when a pod did not, when no pod matches the \
+pattern, or when ZooKeeper cannot be read; 2 for invalid arguments.";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "ochopod",
     version,
-    about = "Container agent that clusters pods through ZooKeeper"
+    about = "Container agent that clusters pods through ZooKeeper",
+    after_help = EXIT_CODES
 )]
 struct Cli {
     #[command(subcommand)]
@@ -53,10 +75,13 @@ enum Command {
     Reset(TargetArgs),
     /// Run the signaled step of the matching pods with a JSON body
     Signal(SignalArgs),
-    /// Validate a TOML settings file and report every error
+    /// Validate a TOML settings file, its hooks and its command, and report every error
     CheckConfig {
         /// The TOML settings file
         file: PathBuf,
+        /// Command of the sub-process that `run` would get after `--`
+        #[arg(last = true, value_name = "COMMAND")]
+        argv: Vec<String>,
     },
 }
 
@@ -86,7 +111,7 @@ struct Common {
 }
 
 #[derive(Args, Debug)]
-#[command(allow_negative_numbers = true)]
+#[command(allow_negative_numbers = true, after_help = LIST_EXIT_CODES)]
 struct ListArgs {
     /// Glob over <namespace>.<cluster>, optionally #<seq>, e.g. 'shop.*' or '*.redis#3'
     #[arg(default_value = "*")]
@@ -96,7 +121,7 @@ struct ListArgs {
 }
 
 #[derive(Args, Debug)]
-#[command(allow_negative_numbers = true)]
+#[command(allow_negative_numbers = true, after_help = TARGET_EXIT_CODES)]
 struct TargetArgs {
     /// Glob over <namespace>.<cluster>, optionally #<seq>, e.g. 'shop.*' or '*.redis#3'
     pattern: String,
@@ -105,7 +130,7 @@ struct TargetArgs {
 }
 
 #[derive(Args, Debug)]
-#[command(allow_negative_numbers = true)]
+#[command(allow_negative_numbers = true, after_help = TARGET_EXIT_CODES)]
 struct SignalArgs {
     #[command(flatten)]
     target: TargetArgs,
@@ -123,7 +148,7 @@ fn main() {
 
     let code = match cli.command {
         Command::Run(args) => cli::run::run(*args),
-        Command::CheckConfig { file } => cli::run::check_config(file),
+        Command::CheckConfig { file, argv } => cli::run::check_config(file, argv),
         Command::Ls(args) => operate(&args.pattern, &args.common, None, Duration::from_secs(5)),
         Command::Info(args) => operate(
             &args.pattern,
@@ -247,6 +272,6 @@ fn target(pattern: &str, common: &Common, default_timeout: Duration) -> Result<T
 }
 
 fn usage_error(message: &str) -> i32 {
-    eprintln!("ochopod: {message}");
+    errln!("ochopod: {message}");
     2
 }

@@ -280,8 +280,11 @@ pub fn run_binary(settings: Settings) -> i32 {
         eprintln!("ochopod: cannot start the child reaper: {err}");
         return 1;
     }
-    if let Err(err) = HookRunner::validate(&settings) {
-        eprintln!("ochopod: {err}");
+    let problems = HookRunner::problems(&settings);
+    if !problems.is_empty() {
+        for problem in problems {
+            eprintln!("ochopod: {problem}");
+        }
         return 2;
     }
     if let Err(err) = LifecycleConfig::from_settings(&settings) {

@@ -5,6 +5,9 @@ mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 
@@ -13,14 +16,47 @@ use support::pods::{binary, free_port};
 use support::{shared_server, unique_namespace};
 use zookeeper_client::{Acls, Client, CreateMode};
 
-/// Runs the binary with only the given environment variables.
-fn ochopod(args: &[&str], env: &[(&str, &str)]) -> Output {
+/// Builds a command of the binary with only the given environment variables.
+fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut command = Command::new(binary());
     command.args(args).env_clear().env("RUST_LOG", "warn");
     for (name, value) in env {
         command.env(name, value);
     }
-    command.output().expect("run the ochopod binary")
+    command
+}
+
+/// Runs the binary with only the given environment variables.
+fn ochopod(args: &[&str], env: &[(&str, &str)]) -> Output {
+    command(args, env).output().expect("run the ochopod binary")
+}
+
+/// Runs the binary with its stdout on a pipe whose reader is already closed, as in
+/// `ochopod ls | head -0`.
+fn ochopod_into_closed_pipe(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    command(args, env)
+        .stdout(writer)
+        .output()
+        .expect("run the ochopod binary")
+}
+
+/// Checks that a command whose stdout was closed ended as a Unix tool does: killed by SIGPIPE,
+/// without a panic message.
+fn assert_ended_by_sigpipe(args: &[&str], output: &Output) {
+    assert_eq!(
+        output.status.signal(),
+        Some(libc::SIGPIPE),
+        "{args:?}: {:?}, stderr: {}",
+        output.status,
+        stderr(output)
+    );
+    assert!(
+        !stderr(output).contains("panicked"),
+        "{args:?}: {}",
+        stderr(output)
+    );
 }
 
 fn stdout(output: &Output) -> String {
@@ -106,11 +142,22 @@ fn print_settings_shows_precedence() {
     assert_eq!(settings["port"], 8080);
 }
 
+/// Writes an executable shell script `name` into `directory`.
+fn write_hook(directory: &Path, name: &str) -> PathBuf {
+    let path = directory.join(name);
+    std::fs::write(&path, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
 #[test]
 fn check_config_accepts_valid_file() {
-    let file = toml_file("cluster = \"redis\"\nnamespace = \"shop.staging\"\ndepends_on = [\"zookeeper\"]\n[hooks]\nconfigure = \"./configure.sh\"\n");
+    let directory = tempfile::tempdir().unwrap();
+    write_hook(directory.path(), "configure.sh");
+    let file = directory.path().join("settings.toml");
+    std::fs::write(&file, "cluster = \"redis\"\nnamespace = \"shop.staging\"\ndepends_on = [\"zookeeper\"]\n[hooks]\nconfigure = \"./configure.sh\"\n").unwrap();
     let output = ochopod(
-        &["check-config", file.path().to_str().unwrap()],
+        &["check-config", file.to_str().unwrap()],
         &[("OCHOPOD_PORT", "0")],
     );
     assert_eq!(
@@ -120,6 +167,75 @@ fn check_config_accepts_valid_file() {
         stderr(&output)
     );
     assert!(stdout(&output).starts_with("OK: "), "{}", stdout(&output));
+}
+
+#[test]
+fn check_config_reports_hook_problems() {
+    let directory = tempfile::tempdir().unwrap();
+    let plain = write_hook(directory.path(), "probe.sh");
+    std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // The settings file names it relative to its own directory.
+    let plain = directory.path().join("./probe.sh");
+    let file = directory.path().join("settings.toml");
+    std::fs::write(
+        &file,
+        "command = \"sleep 1\"\n[hooks]\nconfigure = \"./absent.sh\"\nprobe = \"./probe.sh\"\n",
+    )
+    .unwrap();
+
+    let output = ochopod(&["check-config", file.to_str().unwrap()], &[]);
+    assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
+    let message = stderr(&output);
+    assert_eq!(message.lines().count(), 2, "{message}");
+    let absent = directory.path().join("./absent.sh");
+    assert!(
+        message.contains(&format!(
+            "hook `configure`: {} does not exist",
+            absent.display()
+        )),
+        "{message}"
+    );
+    assert!(message.contains("hooks.configure"), "{message}");
+    assert!(
+        message.contains(&format!(
+            "hook `probe`: {} is not executable",
+            plain.display()
+        )),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!("chmod +x {}", plain.display())),
+        "{message}"
+    );
+    assert!(stdout(&output).is_empty(), "{}", stdout(&output));
+}
+
+#[test]
+fn check_config_requires_command() {
+    let file = toml_file("cluster = \"redis\"\n");
+    let path = file.path().to_str().unwrap();
+    let output = ochopod(&["check-config", path], &[]);
+    assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
+    assert!(
+        stderr(&output).contains("no command to run"),
+        "{}",
+        stderr(&output)
+    );
+
+    // The command that `run` would get after `--` counts.
+    let search_path = std::env::var("PATH").unwrap_or_default();
+    let output = ochopod(
+        &["check-config", path, "--", "sleep", "1"],
+        &[("PATH", &search_path)],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+
+    let configure_only = toml_file("cluster = \"redis\"\nstart = false\n");
+    let output = ochopod(
+        &["check-config", configure_only.path().to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
 }
 
 #[test]
@@ -381,20 +497,63 @@ fn operator_commands_without_match() {
     let zk = shared_server().connect_string();
     let pattern = format!("{}.*", unique_namespace("none"));
 
+    // `ls` of an empty set is a valid listing.
     let output = ochopod(&["ls", &pattern, "--zk", &zk, "--json"], &[]);
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert_eq!(
         serde_json::from_str::<Value>(&stdout(&output)).unwrap(),
         json!([])
     );
-
-    let output = ochopod(&["info", &pattern, "--zk", &zk], &[]);
-    assert_eq!(output.status.code(), Some(1));
+    let output = ochopod(&["ls", &pattern, "--zk", &zk], &[]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(stdout(&output).lines().count(), 1, "{}", stdout(&output));
     assert!(
-        stderr(&output).contains(&format!("no pod matches `{pattern}`")),
+        stdout(&output).starts_with("CLUSTER"),
         "{}",
-        stderr(&output)
+        stdout(&output)
     );
+
+    // A command that acts on pods and finds none fails.
+    for verb in ["info", "log", "on", "off", "kill", "reset", "signal"] {
+        let output = ochopod(&[verb, &pattern, "--zk", &zk], &[]);
+        assert_eq!(output.status.code(), Some(1), "{verb}: {}", stderr(&output));
+        assert!(
+            stderr(&output).contains(&format!("no pod matches `{pattern}`")),
+            "{verb}: {}",
+            stderr(&output)
+        );
+        assert!(stdout(&output).is_empty(), "{verb}: {}", stdout(&output));
+    }
+}
+
+#[test]
+fn help_lists_exit_codes() {
+    let output = ochopod(&["--help"], &[]);
+    assert_eq!(output.status.code(), Some(0));
+    let help = stdout(&output);
+    assert!(help.contains("Exit codes:"), "{help}");
+    assert!(
+        help.contains("`ls` also exits 0 when no pod matches"),
+        "{help}"
+    );
+    assert!(help.contains("a pattern that matches no pod"), "{help}");
+    assert!(help.contains("141"), "{help}");
+
+    let output = ochopod(&["ls", "--help"], &[]);
+    assert!(
+        stdout(&output).contains("also when no pod matches"),
+        "{}",
+        stdout(&output)
+    );
+
+    for verb in ["info", "log", "on", "off", "kill", "reset", "signal"] {
+        let output = ochopod(&[verb, "--help"], &[]);
+        assert!(
+            stdout(&output).contains("when no pod matches the pattern"),
+            "{verb}: {}",
+            stdout(&output)
+        );
+    }
 }
 
 #[test]
@@ -407,4 +566,32 @@ fn operator_commands_without_zookeeper() {
         "{}",
         stderr(&output)
     );
+}
+
+#[test]
+fn closed_stdout_ends_by_sigpipe() {
+    let zk = shared_server().connect_string();
+    let namespace = unique_namespace("pipe");
+    let (live_port, _requests) = fake_pod();
+    populate(&namespace, live_port, free_port());
+    let live_pod = format!("{namespace}.web#3");
+    let no_match = format!("{}.*", unique_namespace("none"));
+    let file = toml_file("cluster = \"redis\"\nstart = false\n");
+    let config = file.path().to_str().unwrap();
+
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["run", "--print-settings", "--", "sleep", "1"],
+        vec!["check-config", config],
+        vec!["ls", &no_match, "--zk", &zk],
+        vec!["ls", &no_match, "--zk", &zk, "--json"],
+        vec!["ls", &live_pod, "--zk", &zk],
+        vec!["info", &live_pod, "--zk", &zk],
+        vec!["log", &live_pod, "--zk", &zk],
+        vec!["off", &live_pod, "--zk", &zk],
+        vec!["signal", &live_pod, "--zk", &zk, "--json"],
+    ];
+    for args in cases {
+        let output = ochopod_into_closed_pipe(&args, &[]);
+        assert_ended_by_sigpipe(&args, &output);
+    }
 }

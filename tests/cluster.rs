@@ -327,7 +327,8 @@ fn completed_subprocess_kills_pod() {
         pod.info()
             .is_some_and(|info| field(&info, "process") == "dead")
     });
-    let (status, reply) = http(pod.control_port, "POST", "/control/on", "{}").unwrap();
+    let view = r#"{"key": "a", "pods": {"a": {}}, "dependencies": {}}"#;
+    let (status, reply) = http(pod.control_port, "POST", "/control/on", view).unwrap();
     assert_eq!(status, 410);
     assert!(reply["error"].is_string());
     let (status, _) = http(pod.control_port, "GET", "/log", "").unwrap();
@@ -410,4 +411,55 @@ fn invalid_setting_exits_two() {
         message.contains("damper") && message.contains("soon"),
         "names the setting and value: {message}"
     );
+}
+
+#[test]
+fn operator_off_then_on_restarts_pods() {
+    let server = shared_server();
+    let zk = server.connect_string();
+    let namespace = unique_namespace("operator");
+    let root = tempfile::tempdir().unwrap();
+    let spec = || PodSpec::new(&zk, &namespace, "web").shell(RECORDER);
+    let pods = start_pods(root.path(), spec, &["a", "b"]);
+    wait_formed(&pods);
+    let pattern = format!("{namespace}.web");
+    let ochopod = |verb: &str| {
+        std::process::Command::new(support::pods::binary())
+            .args([verb, &pattern, "--zk", &zk, "--timeout", "20"])
+            .output()
+            .expect("run the ochopod binary")
+    };
+
+    let output = ochopod("off");
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    for pod in &pods {
+        assert_eq!(field(&pod.info().unwrap(), "process"), "stopped");
+    }
+
+    // `on` sends each pod the view its leader would, which the pod accepts.
+    let output = ochopod("on");
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    for pod in &pods {
+        assert_eq!(field(&pod.info().unwrap(), "process"), "running");
+        wait_until(WAIT, "the second start recorded", || starts(pod).len() >= 2);
+        let starts = starts(pod);
+        assert_eq!(starts.len(), 2, "{starts:?}");
+        let fields: Vec<&str> = starts[1].split(' ').collect();
+        assert_eq!(fields[1], "2", "the view has both pods: {starts:?}");
+        assert_eq!(
+            starts[0].split(' ').nth(2),
+            fields.get(2).copied(),
+            "same seq: {starts:?}"
+        );
+    }
 }

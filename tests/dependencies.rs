@@ -322,3 +322,33 @@ fn dependency_chain_follows_snapshot_changes() {
         "only front-a restarts"
     );
 }
+
+#[test]
+fn colliding_dependency_names_keep_first() {
+    let namespace = unique_namespace("collide");
+    let server = shared_server().connect_string();
+    let root = tempfile::tempdir().unwrap();
+
+    // `x-y` and `x_y` both map to OCHOPOD_DEP_X_Y_6379.
+    let (_dashed, dashed_port) = start_store(root.path(), "dashed", &namespace, "x-y");
+    let (_underscored, _) = start_store(root.path(), "underscored", &namespace, "x_y");
+    wait_until(WAIT, "both stores configured", || {
+        snapshot_keys(&server, &format!("{namespace}.x-y")).len() == 1
+            && snapshot_keys(&server, &format!("{namespace}.x_y")).len() == 1
+    });
+
+    let web = start_dependent(root.path(), "web", &namespace, "web", "x_y,x-y");
+    wait_until(WAIT, "the dependencies in the web sub-process", || {
+        dependency_starts(&web).len() == 1
+    });
+    assert_eq!(
+        last_endpoints(&web, "OCHOPOD_DEP_X_Y_6379"),
+        Some(endpoints(&[dashed_port])),
+        "the name that sorts first, `x-y`, keeps the variable"
+    );
+    let log = web.log_text();
+    assert!(
+        log.contains("dependencies `x-y` and `x_y` map to the same variable OCHOPOD_DEP_X_Y_6379"),
+        "{log}"
+    );
+}

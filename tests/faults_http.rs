@@ -214,6 +214,27 @@ fn malformed_requests_rejected_pod_unharmed() {
             "invalid cluster view",
         ),
         (
+            "empty view",
+            "/control/check",
+            "{}".into(),
+            400,
+            "has no `key`",
+        ),
+        (
+            "view without the receiving pod",
+            "/control/on",
+            r#"{"key": "a", "pods": {"b": {}}, "dependencies": {}}"#.into(),
+            400,
+            "is not a view of this pod",
+        ),
+        (
+            "view without pods",
+            "/control/ok",
+            r#"{"key": "a"}"#.into(),
+            400,
+            "is not one of its 0 `pods`",
+        ),
+        (
             "unknown verb",
             "/control/explode",
             "{}".into(),

@@ -256,7 +256,7 @@ fn leader_cut_off_replaced_and_fenced() {
 
     // A late request of the old leader, with its epoch, is rejected by every pod that obeyed
     // the new one.
-    let view = json!({"pods": {}, "dependencies": {}, "key": ""}).to_string();
+    let view = json!({"pods": {"a": {}}, "dependencies": {}, "key": "a"}).to_string();
     for (index, proxied) in pods.iter().enumerate() {
         if index == old {
             continue;
@@ -311,7 +311,7 @@ fn stale_epoch_rejected_with_409() {
     );
     wait_formed(&[&pod]);
     let obeyed = epoch(&pod);
-    let view = json!({"pods": {}, "dependencies": {}, "key": ""}).to_string();
+    let view = json!({"pods": {"a": {}}, "dependencies": {}, "key": "a"}).to_string();
     let check = |epoch: Option<i64>| -> (u16, Value) {
         let header = epoch.map(|epoch| epoch.to_string());
         let headers: Vec<(&str, &str)> = header

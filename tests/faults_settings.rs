@@ -327,6 +327,24 @@ fn unusable_cwd_or_program_exits_2() {
     agent.wait().unwrap();
 }
 
+#[test]
+fn missing_command_exits_2() {
+    let zookeeper = FakeZookeeper::new();
+
+    let output = run_agent(&[], &[], &zookeeper);
+    assert_start_error(
+        "no command and no configure hook",
+        &output,
+        &zookeeper,
+        &[
+            "no command to run",
+            "after `--`",
+            "`configure` hook",
+            "`start = false`",
+        ],
+    );
+}
+
 /// `signaled` hook whose behaviour depends on the request body's `mode`.
 const SIGNALED_HOOK: &str = r#"#!/bin/sh
 body=$(cat)
@@ -395,7 +413,8 @@ fn runtime_hook_failures_get_406() {
     let (status, reply) = http(port, "POST", "/control/signal", r#"{"mode":"fail"}"#).unwrap();
     assert_406(&reply, status, &["exit code 3", "disk full on /data"]);
 
-    let (status, reply) = http(port, "POST", "/control/check", "{}").unwrap();
+    let view = r#"{"key": "a", "pods": {"a": {}}, "dependencies": {}}"#;
+    let (status, reply) = http(port, "POST", "/control/check", view).unwrap();
     assert_406(
         &reply,
         status,
@@ -453,4 +472,43 @@ fn configure_printing_invalid_json_kills_pod() {
     assert!(log.contains("configure printed invalid output"), "{log}");
     assert!(log.contains("starting up..."), "the log quotes the output");
     assert!(log.contains("failed with 406"), "{log}");
+}
+
+#[test]
+fn configure_outliving_control_timeout_starts_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    // Counts its runs in the pod directory; the first run outlives the leader's 1 s timeout.
+    let configure = write_hook(
+        root.path(),
+        "configure",
+        "#!/bin/sh\ncount=$(( $(cat configures 2>/dev/null || echo 0) + 1 ))\necho $count > configures\n[ $count -gt 1 ] || sleep 2\n",
+    );
+    let server = shared_server();
+    let spec = PodSpec::new(&server.connect_string(), &unique_namespace("late"), "web")
+        .env("ochopod_control_timeout", "1")
+        .arg("--hooks")
+        .arg(&format!("configure={configure}"))
+        .shell("cat configures >> starts; exec sleep 600");
+    let pod = PodProcess::start(root.path(), "pod", &spec);
+
+    wait_until(WAIT, "the sub-process running with an idle leader", || {
+        pod.info()
+            .is_some_and(|info| info["process"] == "running" && info["state"] == "leader")
+    });
+    let starts = fs::read_to_string(pod.dir.join("starts")).unwrap();
+    assert_eq!(
+        starts.lines().count(),
+        1,
+        "one start, by a request that did not time out: {starts}"
+    );
+    assert_ne!(
+        starts.trim(),
+        "1",
+        "the sub-process started from the configure run whose request timed out"
+    );
+    let log = pod.log_text();
+    assert!(
+        log.contains("on: the request timed out during configure"),
+        "{log}"
+    );
 }

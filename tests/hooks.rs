@@ -29,7 +29,7 @@ fn write_hook(directory: &Path, name: &str, body: &str) -> PathBuf {
 }
 
 /// Settings running the given hooks (step name, script body), with `$DIR` set to a scratch
-/// directory in their environment.
+/// directory in their environment. The pod starts no sub-process, so it needs no command.
 fn settings_with(directory: &TempDir, hooks: &[(&str, &str)]) -> Settings {
     let hooks = hooks
         .iter()
@@ -39,6 +39,7 @@ fn settings_with(directory: &TempDir, hooks: &[(&str, &str)]) -> Settings {
         hooks,
         hook_timeout: 5.0,
         env: BTreeMap::from([("DIR".to_string(), directory.path().display().to_string())]),
+        start: false,
         ..Settings::default()
     }
 }
@@ -182,7 +183,10 @@ async fn non_zero_exit_reports_stderr() {
 
 #[tokio::test]
 async fn steps_without_hooks_succeed() {
-    let runner = runner(&Settings::default());
+    let runner = runner(&Settings {
+        start: false,
+        ..Settings::default()
+    });
     runner.initialize().await.unwrap();
     runner.can_configure(&cluster()).await.unwrap();
     assert_eq!(
@@ -324,4 +328,72 @@ fn validate_suggests_step_for_unknown_name() {
         error.to_string().contains("did you mean `sanity_check`?"),
         "{error}"
     );
+}
+
+#[test]
+fn validate_rejects_pod_without_command() {
+    let directory = tempfile::tempdir().unwrap();
+    let without_command = Settings {
+        start: true,
+        ..settings_with(&directory, &[("probe", "exit 0")])
+    };
+    let error = HookRunner::validate(&without_command).unwrap_err();
+    assert_eq!(error, HookError::NoCommand);
+    let message = error.to_string();
+    assert!(message.contains("no command to run"), "{message}");
+    assert!(message.contains("`configure` hook"), "{message}");
+    assert!(message.contains("`start = false`"), "{message}");
+
+    // Any one of a static command, a `configure` hook or `start = false` is enough.
+    let with_command = Settings {
+        command: Some("sleep 1".to_string()),
+        ..without_command.clone()
+    };
+    assert_eq!(HookRunner::validate(&with_command), Ok(()));
+    let with_argv = Settings {
+        argv: vec!["sleep".to_string(), "1".to_string()],
+        ..without_command.clone()
+    };
+    assert_eq!(HookRunner::validate(&with_argv), Ok(()));
+    let with_configure = Settings {
+        start: true,
+        ..settings_with(&directory, &[("configure", "exit 0")])
+    };
+    assert_eq!(HookRunner::validate(&with_configure), Ok(()));
+    let configure_only = Settings {
+        start: false,
+        ..without_command
+    };
+    assert_eq!(HookRunner::validate(&configure_only), Ok(()));
+}
+
+#[test]
+fn problems_lists_every_problem() {
+    let directory = tempfile::tempdir().unwrap();
+    let absent = directory.path().join("absent");
+    let plain = write_hook(directory.path(), "plain", "exit 0");
+    std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let settings = Settings {
+        hooks: BTreeMap::from([
+            ("can_configure".to_string(), absent.clone()),
+            ("probe".to_string(), plain.clone()),
+        ]),
+        ..Settings::default()
+    };
+
+    let problems = HookRunner::problems(&settings);
+    assert_eq!(problems.len(), 3, "{problems:?}");
+    assert_eq!(
+        problems[0],
+        HookError::Missing {
+            name: "can_configure".to_string(),
+            path: absent
+        }
+    );
+    assert!(
+        matches!(&problems[1], HookError::NotExecutable { name, path, .. } if name == "probe" && *path == plain),
+        "{:?}",
+        problems[1]
+    );
+    assert_eq!(problems[2], HookError::NoCommand);
 }

@@ -649,6 +649,73 @@ async fn shutdown_stops_and_rejects_queue() {
 }
 
 #[actix::test]
+async fn timed_out_on_starts_nothing() {
+    let steps = FakeSteps {
+        delays: HashMap::from([("configure", Duration::from_millis(300))]),
+        ..FakeSteps::default()
+    };
+    let pod = Pod::start(config(), steps);
+
+    // The first `on` expires while configure runs.
+    let hasty = Control {
+        deadline: Instant::now() + Duration::from_millis(100),
+        ..pod.request(Verb::On, view("z1"), None)
+    };
+    assert_eq!(
+        pod.lifecycle.send(hasty).await.unwrap(),
+        Err(ControlError::TimedOut)
+    );
+    assert_eq!(pod.log(), ["initialize", "configure", "configure done"]);
+    assert_eq!(pod.phase().await, Phase::Unconfigured);
+    assert!(pod.dead_notices.lock().unwrap().is_empty());
+
+    // The next `on` configures again, without a second initialize, and starts.
+    assert_eq!(pod.control(Verb::On, view("z1"), None).await, Ok(json!({})));
+    assert_eq!(
+        pod.log(),
+        [
+            "initialize",
+            "configure",
+            "configure done",
+            "configure",
+            "configure done",
+            "spawn"
+        ]
+    );
+    assert_eq!(pod.phase().await, Phase::Running);
+}
+
+#[actix::test]
+async fn timed_out_reconfiguration_leaves_pod_off() {
+    let steps = FakeSteps {
+        delays: HashMap::from([("configure", Duration::from_millis(300))]),
+        ..FakeSteps::default()
+    };
+    let pod = Pod::start(config(), steps);
+    pod.control(Verb::On, view("z1"), None).await.unwrap();
+    assert_eq!(pod.phase().await, Phase::Running);
+
+    // A changed dependency tears the sub-process down, then the request expires in configure.
+    let hasty = Control {
+        deadline: Instant::now() + Duration::from_millis(100),
+        ..pod.request(Verb::On, view("z2"), None)
+    };
+    assert_eq!(
+        pod.lifecycle.send(hasty).await.unwrap(),
+        Err(ControlError::TimedOut)
+    );
+    let spawns = pod.log().iter().filter(|entry| *entry == "spawn").count();
+    assert_eq!(spawns, 1, "{:?}", pod.log());
+    assert_eq!(pod.phase().await, Phase::Configured);
+
+    // The pod runs no sub-process, so the same view configures it and starts one.
+    pod.control(Verb::On, view("z2"), None).await.unwrap();
+    let spawns = pod.log().iter().filter(|entry| *entry == "spawn").count();
+    assert_eq!(spawns, 2, "{:?}", pod.log());
+    assert_eq!(pod.phase().await, Phase::Running);
+}
+
+#[actix::test]
 async fn shutdown_during_on_prevents_spawn() {
     let steps = FakeSteps {
         delays: HashMap::from([("configure", Duration::from_millis(200))]),

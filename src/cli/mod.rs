@@ -2,6 +2,7 @@
 //! and the pods' control servers.
 
 pub mod operator;
+pub mod output;
 pub mod pattern;
 pub mod run;
 

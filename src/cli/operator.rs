@@ -20,6 +20,7 @@ use ochopod::settings::Token;
 use serde_json::{json, Value};
 use zookeeper_client as zk;
 
+use super::output::{errln, outln};
 use super::pattern::Pattern;
 
 /// The arguments every operator command needs.
@@ -409,7 +410,7 @@ async fn read_clusters(
                         registrations.insert(child, registration);
                     }
                     Err(error) => {
-                        eprintln!("ochopod: skipping {path}: invalid registration JSON ({error})")
+                        errln!("ochopod: skipping {path}: invalid registration JSON ({error})")
                     }
                 },
                 // The pod left between the listing and the read.
@@ -464,7 +465,7 @@ fn print_replies(action: &Action, documents: &[(&Pod, Option<u16>, Value)]) {
     match action {
         Action::Info => {
             for (pod, status, body) in documents {
-                println!(
+                outln!(
                     "== {} ({}) {}",
                     pod.label(),
                     pod.address(),
@@ -475,15 +476,15 @@ fn print_replies(action: &Action, documents: &[(&Pod, Option<u16>, Value)]) {
         }
         Action::Log => {
             for (pod, status, body) in documents {
-                println!(
+                outln!(
                     "== {} ({}) {}",
                     pod.label(),
                     pod.address(),
                     status_text(*status)
                 );
                 match body.as_array() {
-                    Some(lines) => lines.iter().for_each(|line| println!("{}", text(line))),
-                    None => println!("{body}"),
+                    Some(lines) => lines.iter().for_each(|line| outln!("{}", text(line))),
+                    None => outln!("{body}"),
                 }
             }
         }
@@ -531,7 +532,7 @@ fn format_ports(ports: &BTreeMap<String, u16>) -> String {
 }
 
 fn print_json(value: &Value) {
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(value).expect("JSON values always serialize")
     );
@@ -554,13 +555,13 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
             .collect();
         padded.join("  ").trim_end().to_string()
     };
-    println!("{}", format_row(header.to_vec()));
+    outln!("{}", format_row(header.to_vec()));
     for row in rows {
-        println!("{}", format_row(row.iter().map(String::as_str).collect()));
+        outln!("{}", format_row(row.iter().map(String::as_str).collect()));
     }
 }
 
 fn fail(message: &str) -> i32 {
-    eprintln!("ochopod: {message}");
+    errln!("ochopod: {message}");
     1
 }

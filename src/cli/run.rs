@@ -4,7 +4,10 @@
 use std::path::PathBuf;
 
 use clap::Args;
+use ochopod::hooks::HookRunner;
 use ochopod::settings::{Settings, SettingsError, Sources};
+
+use super::output::{errln, outln};
 
 /// Declares the flags that set one setting each, as text that the settings loader converts and
 /// validates like the environment's, so that every invalid value gets the same message.
@@ -188,33 +191,42 @@ pub fn run(args: RunArgs) -> i32 {
 
     if args.print_settings {
         let json = serde_json::to_string_pretty(&settings).expect("settings always serialize");
-        println!("{json}");
+        outln!("{json}");
         return 0;
     }
     super::start_pod(settings)
 }
 
-/// Runs `ochopod check-config FILE`: validates the file alone (not the environment) and prints
-/// every error, or `OK`.
-pub fn check_config(file: PathBuf) -> i32 {
+/// Runs `ochopod check-config FILE [-- COMMAND]`: checks the file alone (not the environment)
+/// and the command after `--` as `run` does before it starts (settings, hooks, `cwd`, command),
+/// and prints every error, or `OK`.
+pub fn check_config(file: PathBuf, argv: Vec<String>) -> i32 {
     let sources = Sources {
         file: Some(file.clone()),
+        argv,
         ..Sources::default()
     };
-    match Settings::check(&sources) {
-        Ok(_) => {
-            println!("OK: {} is valid", file.display());
-            0
-        }
+    let settings = match Settings::check(&sources) {
+        Ok(settings) => settings,
         Err(errors) => {
             report(&errors);
-            2
+            return 2;
         }
+    };
+
+    let problems = HookRunner::problems(&settings);
+    if !problems.is_empty() {
+        for problem in problems {
+            errln!("ochopod: {problem}");
+        }
+        return 2;
     }
+    outln!("OK: {} is valid", file.display());
+    0
 }
 
 fn report(errors: &[SettingsError]) {
     for error in errors {
-        eprintln!("ochopod: {error}");
+        errln!("ochopod: {error}");
     }
 }
