@@ -105,7 +105,12 @@ fn connection_port(pid: u32, remote_port: u16) -> Option<u16> {
         .filter_map(|entry| {
             let target = fs::read_link(entry.ok()?.path()).ok()?;
             let target = target.to_string_lossy();
-            Some(target.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+            Some(
+                target
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_string(),
+            )
         })
         .collect();
     let table = fs::read_to_string("/proc/net/tcp").ok()?;
@@ -154,7 +159,10 @@ async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + WAIT;
     while !done() {
         if Instant::now() > deadline {
-            fail(format!("gave up waiting for {what} after {} s", WAIT.as_secs()));
+            fail(format!(
+                "gave up waiting for {what} after {} s",
+                WAIT.as_secs()
+            ));
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -246,7 +254,11 @@ fn main() {
                 count(|telemetry| &telemetry.failed_rounds)
             );
         }
-        println!("process memory (RSS)      {} (peak {})", mib(rss), mib(peak));
+        println!(
+            "process memory (RSS)      {} (peak {})",
+            mib(rss),
+            mib(peak)
+        );
         println!(
             "threads                   {}",
             fs::read_dir("/proc/self/task").map_or(0, |tasks| tasks.count())
@@ -285,7 +297,7 @@ fn main() {
                 Err(err) => fail(format!("the extra pod failed to start: {err}")),
             }
             wait_for("every pod to be configured with the extra pod", || {
-                configured.load(Ordering::Relaxed) >= embedded + 1
+                configured.load(Ordering::Relaxed) > embedded
             })
             .await;
             let scaled = joined.elapsed();
@@ -309,9 +321,9 @@ fn main() {
             );
         }
 
-        for pod in &running {
-            pod.stop().await;
-        }
+        // No graceful stop: each pod leaving would make the leader configure the shrinking
+        // cluster again. The sessions end with the process, and ZooKeeper with its drop.
+        drop(running);
     });
     drop(leader);
 }
