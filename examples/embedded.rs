@@ -59,9 +59,14 @@ struct Args {
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(2..=5000))]
     pods: u32,
 
-    /// Where the leader runs.
+    /// Process the leader runs in.
     #[arg(long, value_enum, default_value_t = LeaderKind::Embedded)]
     leader: LeaderKind,
+
+    /// Idle time in seconds before the process memory is read again. The control servers
+    /// close idle connections after 5 s.
+    #[arg(long, default_value_t = 0)]
+    settle: u64,
 }
 
 /// Counts the pods configured for the cluster size the benchmark waits for.
@@ -263,6 +268,23 @@ fn main() {
             "threads                   {}",
             fs::read_dir("/proc/self/task").map_or(0, |tasks| tasks.count())
         );
+
+        if args.settle > 0 {
+            tokio::time::sleep(Duration::from_secs(args.settle)).await;
+            println!(
+                "process memory after {} s  {}",
+                args.settle,
+                mib(status_kib(std::process::id(), "VmRSS"))
+            );
+            // Tells memory the pods hold from memory that glibc's allocator keeps after it was
+            // freed: `malloc_trim` hands the free pages back to the kernel.
+            // SAFETY: `malloc_trim` only walks the allocator's own free lists.
+            unsafe { libc::malloc_trim(0) };
+            println!(
+                "process memory, trimmed    {}",
+                mib(status_kib(std::process::id(), "VmRSS"))
+            );
+        }
 
         if let Some(leader) = &leader {
             let pid = leader.pid() as u32;
