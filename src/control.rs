@@ -27,11 +27,14 @@ mod metrics;
 #[cfg(test)]
 mod tests;
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -44,6 +47,7 @@ use actix_web::{web, App, HttpRequest, HttpResponse, ResponseError};
 use futures::StreamExt;
 use log::{debug, error, info, warn};
 use serde_json::json;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
@@ -87,6 +91,17 @@ const KEEP_ALIVE: Duration = Duration::from_secs(5);
 
 /// Time a client has to send a request's head once connected; slower clients get 408.
 const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Time a client has to send a request's body once its head arrived; slower clients get 408
+/// and the connection is closed, so a body that never comes does not hold a connection slot.
+const BODY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Time a connection's writes may stay blocked before it is closed: a client that sends
+/// requests but never reads the replies would otherwise hold a slot for good.
+const WRITE_STALL_LIMIT: Duration = Duration::from_secs(10);
+
+/// Interval between two checks of a connection for a write stall.
+const STALL_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Pause after a failed `accept`, so that running out of file descriptors does not spin.
 const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
@@ -200,8 +215,7 @@ pub fn start_control_server(server: ControlServer) -> io::Result<RunningControlS
             app.into_factory()
                 .map_err(|error: actix_web::Error| error.error_response()),
             |_| AppConfig::default(),
-        ))
-        .tcp();
+        ));
 
     let (stop, stopped) = watch::channel(false);
     actix::spawn(async move {
@@ -236,7 +250,7 @@ fn listen(address: SocketAddr) -> io::Result<TcpListener> {
 /// open connections get [`SHUTDOWN_GRACE`] to finish the requests in flight.
 async fn accept<S>(listener: TcpListener, service: Rc<S>, mut stopped: watch::Receiver<bool>)
 where
-    S: Service<TcpStream, Response = (), Error = DispatchError> + 'static,
+    S: Service<(WatchedStream, Option<SocketAddr>), Response = (), Error = DispatchError> + 'static,
 {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -246,9 +260,9 @@ where
         };
         let Ok(slot) = slot else { return };
 
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(error) => {
                     // Out of descriptors or a connection reset before it was accepted: the
                     // listener itself is fine, so wait a little and go on.
@@ -262,20 +276,120 @@ where
 
         let service = service.clone();
         let mut stopping = stopped.clone();
+        let (stream, stalled_since) = WatchedStream::new(stream);
         actix::spawn(async move {
             let _slot = slot;
             tokio::select! {
-                served = service.call(stream) => {
+                served = service.call((stream, Some(peer))) => {
                     if let Err(error) = served {
-                        debug!("control server: connection ended with an error: {error:?}");
+                        debug!("control server: connection from {peer} ended with an error: {error:?}");
                     }
                 }
                 _ = async {
                     let _ = stopping.wait_for(|stop| *stop).await;
                     tokio::time::sleep(SHUTDOWN_GRACE).await;
                 } => {}
+                () = write_stall(&stalled_since) => {
+                    warn!(
+                        "control server: closed the connection from {peer}: it read none of \
+                         its replies for {} s",
+                        WRITE_STALL_LIMIT.as_secs()
+                    );
+                }
             }
         });
+    }
+}
+
+/// Resolves once the connection's writes have been blocked for [`WRITE_STALL_LIMIT`]: the
+/// client stopped reading its replies, and holds a connection slot and the replies queued for
+/// it. A request that is still being worked on writes nothing, so it never counts as a stall.
+async fn write_stall(stalled_since: &Cell<Option<Instant>>) {
+    loop {
+        tokio::time::sleep(STALL_CHECK_INTERVAL).await;
+        if stalled_since
+            .get()
+            .is_some_and(|since| since.elapsed() >= WRITE_STALL_LIMIT)
+        {
+            return;
+        }
+    }
+}
+
+/// A client connection that records since when its writes are blocked, for [`write_stall`].
+struct WatchedStream {
+    stream: TcpStream,
+    stalled_since: Rc<Cell<Option<Instant>>>,
+}
+
+impl WatchedStream {
+    fn new(stream: TcpStream) -> (Self, Rc<Cell<Option<Instant>>>) {
+        let stalled_since = Rc::new(Cell::new(None));
+        let watched = WatchedStream {
+            stream,
+            stalled_since: stalled_since.clone(),
+        };
+        (watched, stalled_since)
+    }
+
+    /// Records the outcome of a write: blocked from now on unless it already was, or moving.
+    fn track<T>(&self, poll: &Poll<T>) {
+        if poll.is_pending() {
+            if self.stalled_since.get().is_none() {
+                self.stalled_since.set(Some(Instant::now()));
+            }
+        } else {
+            self.stalled_since.set(None);
+        }
+    }
+}
+
+impl AsyncRead for WatchedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        context: &mut TaskContext<'_>,
+        buffer: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(context, buffer)
+    }
+}
+
+impl AsyncWrite for WatchedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        context: &mut TaskContext<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.stream).poll_write(context, data);
+        self.track(&poll);
+        poll
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        context: &mut TaskContext<'_>,
+        buffers: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.stream).poll_write_vectored(context, buffers);
+        self.track(&poll);
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, context: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        let poll = Pin::new(&mut self.stream).poll_flush(context);
+        self.track(&poll);
+        poll
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        context: &mut TaskContext<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(context)
     }
 }
 
@@ -344,6 +458,8 @@ impl State {
 struct ApiError {
     status: StatusCode,
     message: String,
+    /// Closes the connection after the reply, because the rest of the request was not read.
+    close: bool,
 }
 
 impl ApiError {
@@ -351,7 +467,13 @@ impl ApiError {
         ApiError {
             status,
             message: message.into(),
+            close: false,
         }
+    }
+
+    fn closing(mut self) -> Self {
+        self.close = true;
+        self
     }
 
     fn bad_request(message: impl Into<String>) -> Self {
@@ -363,6 +485,7 @@ impl ApiError {
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("request body larger than {MAX_BODY_BYTES} bytes; send at most 1 MiB"),
         )
+        .closing()
     }
 }
 
@@ -381,6 +504,9 @@ impl ResponseError for ApiError {
         let mut response = HttpResponse::build(self.status);
         if self.status == StatusCode::UNAUTHORIZED {
             response.insert_header((WWW_AUTHENTICATE, "Bearer realm=\"ochopod\""));
+        }
+        if self.close {
+            response.force_close();
         }
         response.json(json!({ "error": self.message }))
     }
@@ -421,8 +547,23 @@ async fn read_body(headers: &HeaderMap, mut payload: web::Payload) -> Result<web
         return Err(ApiError::too_large());
     }
 
+    let deadline = tokio::time::Instant::now() + BODY_TIMEOUT;
     let mut body = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
+    loop {
+        let Ok(next) = tokio::time::timeout_at(deadline, payload.next()).await else {
+            let expected = announced.map_or_else(String::new, |length| format!(" of {length}"));
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {} s ({} bytes{expected} received); \
+                     send the whole body right after the headers",
+                    BODY_TIMEOUT.as_secs(),
+                    body.len()
+                ),
+            )
+            .closing());
+        };
+        let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|error| {
             ApiError::bad_request(format!("cannot read the request body: {error}"))
         })?;
