@@ -114,6 +114,33 @@ pub fn merge(sources: &Sources) -> Result<Settings, Vec<SettingsError>> {
     }
 }
 
+/// Largest settings file read. Real files are a few KiB; the limit keeps a wrong path such as
+/// `/dev/zero` from filling the memory.
+const MAX_SETTINGS_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Reads a settings file, which must be a regular file of at most
+/// [`MAX_SETTINGS_FILE_BYTES`]; a FIFO or a device would block or never end.
+fn read_settings_file(path: &PathBuf) -> Result<String, String> {
+    use std::io::Read;
+
+    let metadata = std::fs::metadata(path).map_err(|error| error.to_string())?;
+    if !metadata.is_file() {
+        return Err("not a regular file; give the path of a TOML file".to_string());
+    }
+    if metadata.len() > MAX_SETTINGS_FILE_BYTES {
+        return Err(format!(
+            "{} bytes, more than the {MAX_SETTINGS_FILE_BYTES} bytes a settings file may have",
+            metadata.len()
+        ));
+    }
+
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(MAX_SETTINGS_FILE_BYTES).read_to_string(&mut text))
+        .map_err(|error| error.to_string())?;
+    Ok(text)
+}
+
 struct Merger {
     settings: Settings,
     /// Source of the current value of each setting (absent: the default).
@@ -123,12 +150,12 @@ struct Merger {
 
 impl Merger {
     fn apply_file(&mut self, path: &PathBuf) {
-        let text = match std::fs::read_to_string(path) {
+        let text = match read_settings_file(path) {
             Ok(text) => text,
-            Err(error) => {
+            Err(reason) => {
                 self.errors.push(SettingsError::Unreadable {
                     path: path.clone(),
-                    reason: error.to_string(),
+                    reason,
                 });
                 return;
             }

@@ -465,6 +465,31 @@ fn unreadable_file_names_path_and_os_error() {
 }
 
 #[test]
+fn device_and_directory_rejected_as_files() {
+    for path in ["/dev/zero", "/tmp"] {
+        let sources = Sources {
+            file: Some(PathBuf::from(path)),
+            ..Sources::default()
+        };
+        let message = Settings::load(&sources).unwrap_err().to_string();
+        assert!(message.contains(path), "{message}");
+        assert!(message.contains("not a regular file"), "{message}");
+    }
+}
+
+#[test]
+fn oversized_file_rejected() {
+    let file = file(&"# padding\n".repeat(200_000));
+    let sources = Sources {
+        file: Some(file.path().to_path_buf()),
+        ..Sources::default()
+    };
+    let message = Settings::load(&sources).unwrap_err().to_string();
+    assert!(message.contains("2000000 bytes"), "{message}");
+    assert!(message.contains("1048576 bytes"), "{message}");
+}
+
+#[test]
 fn syntax_error_names_file() {
     let message = file_error("port = = 3\n");
     assert!(message.contains("is not valid TOML"), "{message}");
