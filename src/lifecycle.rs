@@ -617,7 +617,10 @@ impl Lifecycle {
                     return Box::pin(fut::ready(Err(error)));
                 }
                 self.obey_epoch(epoch);
-                info!("control `{}` started (epoch {epoch:?})", verb.as_str());
+                match epoch {
+                    Some(epoch) => info!("control `{}` started (epoch {epoch})", verb.as_str()),
+                    None => info!("control `{}` started (no leader epoch)", verb.as_str()),
+                }
                 match request {
                     Request::Check(cluster) => self.check(cluster),
                     Request::On(cluster) => self.turn_on(cluster, deadline),

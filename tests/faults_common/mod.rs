@@ -305,7 +305,7 @@ pub fn obeyed(pod: &PodProcess) -> Vec<(String, i64)> {
         .lines()
         .filter_map(|line| {
             let rest = line.split_once("control `")?.1;
-            let (verb, rest) = rest.split_once("` started (epoch Some(")?;
+            let (verb, rest) = rest.split_once("` started (epoch ")?;
             let epoch = rest.split_once(')')?.0.parse().ok()?;
             Some((verb.to_string(), epoch))
         })
