@@ -222,9 +222,10 @@ impl Input<'_> {
                 };
                 entry(name, &input)
             }
-            Raw::Toml(_) => {
-                Err(self.invalid("a table (for example `[env]` with `NAME = \"value\"` lines)"))
-            }
+            Raw::Toml(_) => Err(self.invalid(format!(
+                "a table (for example `[{}]` with `name = \"value\"` lines)",
+                self.key
+            ))),
         }
     }
 }
