@@ -186,11 +186,18 @@ fn now_seconds() -> f64 {
 const IGNORES_TERM: &str =
     "trap 'echo TERM >> terms' TERM; echo $$ > pid; while true; do sleep 0.1; done";
 
+/// Waits until a script that traps signals has written its `pid` file, after its traps: before
+/// that, SIGTERM or SIGUSR1 ends it, and the supervisor may report it running earlier.
+fn wait_trap_set(pod: &PodProcess) {
+    wait_lines(pod, "pid", 1);
+}
+
 #[test]
 fn ignored_sigterm_gets_sigkill_after_grace() {
     let root = tempfile::tempdir().unwrap();
     let pod = start_pod(root.path(), IGNORES_TERM, &[("ochopod_grace", "2")]);
     let pid = wait_running(&pod);
+    wait_trap_set(&pod);
 
     let (status, elapsed) = turn_off(&pod, 30);
     assert_eq!(status, 200);
@@ -213,6 +220,7 @@ fn soft_pod_never_sends_sigkill() {
         &[("ochopod_grace", "1"), ("ochopod_soft", "true")],
     );
     let pid = wait_running(&pod);
+    wait_trap_set(&pod);
 
     let (status, elapsed) = turn_off(&pod, 3);
     assert_eq!(
@@ -385,6 +393,7 @@ fn agent_sigterm_forwarded_before_sigkill() {
                   echo $$ > pid; while true; do sleep 0.1; done";
     let mut pod = start_pod(root.path(), script, &[("ochopod_grace", "2")]);
     let pid = wait_running(&pod);
+    wait_trap_set(&pod);
 
     pod.signal(Signal::SIGUSR1);
     assert_eq!(wait_lines(&pod, "usr1", 1), vec!["USR1"]);
@@ -411,9 +420,11 @@ fn agent_sigterm_forwarded_before_sigkill() {
 #[test]
 fn agent_sigterm_exits_when_subprocess_does() {
     let root = tempfile::tempdir().unwrap();
-    let script = "trap 'echo TERM >> terms; exit 0' TERM; while true; do sleep 0.1; done";
+    let script =
+        "trap 'echo TERM >> terms; exit 0' TERM; echo $$ > pid; while true; do sleep 0.1; done";
     let mut pod = start_pod(root.path(), script, &[("ochopod_grace", "20")]);
     let pid = wait_running(&pod);
+    wait_trap_set(&pod);
 
     let sent = Instant::now();
     pod.signal(Signal::SIGTERM);
