@@ -95,7 +95,6 @@ pub struct Leader {
     model: Arc<dyn Model>,
     telemetry: Arc<Telemetry>,
     session: Recipient<UpdateStatus>,
-    http: Option<awc::Client>,
 
     client: Option<zk::Client>,
     epoch: i64,
@@ -149,7 +148,6 @@ impl Leader {
             model,
             telemetry,
             session,
-            http: None,
             client: None,
             epoch: 0,
             active: false,
@@ -641,7 +639,7 @@ impl Leader {
             self.set_role(Role::Leader);
             return;
         }
-        let (Some(client), Some(http)) = (self.client.clone(), self.http.clone()) else {
+        let Some(client) = self.client.clone() else {
             return;
         };
         if !leading(&self.telemetry) {
@@ -667,7 +665,10 @@ impl Leader {
         let generation = self.generation;
         let round = Round {
             telemetry: self.telemetry.clone(),
-            http,
+            // A client per round: its pooled connections to the pods close when the round
+            // ends, instead of lingering half-closed after the pods' keep-alive expires, one
+            // descriptor per pod, until the next round.
+            http: awc::Client::default(),
             epoch: self.epoch,
             config: self.config.clone(),
             dependencies,
@@ -773,8 +774,6 @@ impl Actor for Leader {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        // awc clients are bound to the thread that made them, so the actor makes its own.
-        self.http = Some(awc::Client::default());
         if !self.config.probe_every.is_zero() {
             ctx.run_interval(self.config.probe_every, |leader, ctx| leader.probe(ctx));
         }
