@@ -12,6 +12,15 @@ pub struct Pattern {
 impl Pattern {
     /// Parses `glob[#seq]`, or returns a message naming what is expected.
     pub fn parse(text: &str) -> Result<Pattern, String> {
+        // Namespace and cluster names are letters, digits, `-` and `_`, so a pattern with
+        // whitespace could only ever match nothing.
+        if text.chars().any(char::is_whitespace) {
+            let compact: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+            return Err(format!(
+                "invalid pattern `{text}`: it contains whitespace, which no namespace, cluster or \
+                 seq has; write it without spaces, as `{compact}`"
+            ));
+        }
         let (glob_text, seq) = match text.rsplit_once('#') {
             Some((glob_text, seq_text)) => {
                 let seq = seq_text.parse::<i64>().ok().filter(|seq| *seq >= 0).ok_or_else(|| {
@@ -80,6 +89,8 @@ mod tests {
             ("shop.redis#-1", "is not a pod seq"),
             ("#3", "expected a glob"),
             ("shop.[", "invalid pattern `shop.[`"),
+            ("shop.redis #1", "as `shop.redis#1`"),
+            (" shop.redis", "contains whitespace"),
         ] {
             let error = Pattern::parse(text).unwrap_err();
             assert!(error.contains(expected), "{text}: {error}");
