@@ -271,24 +271,32 @@ impl Handler<AttachSupervisor> for Relay {
     }
 }
 
+/// Prints a start-up error on stderr. Unlike `eprintln!`, it does not panic when stderr is
+/// closed, so the exit code still tells what went wrong.
+fn report(message: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+
+    let _ = writeln!(std::io::stderr(), "ochopod: {message}");
+}
+
 /// Runs the binary: one pod whose steps are the hooks and static command of `settings`, until
 /// SIGTERM or SIGINT (or its death, with `exit_when_dead`). Returns the process exit code.
 pub fn run_binary(settings: Settings) -> i32 {
     crate::logging::init();
     // As PID 1 the agent must reap orphans even before it spawns a child of its own.
     if let Err(err) = reaper::start() {
-        eprintln!("ochopod: cannot start the child reaper: {err}");
+        report(format_args!("cannot start the child reaper: {err}"));
         return 1;
     }
     let problems = HookRunner::problems(&settings);
     if !problems.is_empty() {
         for problem in problems {
-            eprintln!("ochopod: {problem}");
+            report(format_args!("{problem}"));
         }
         return 2;
     }
     if let Err(err) = LifecycleConfig::from_settings(&settings) {
-        eprintln!("ochopod: {err}");
+        report(format_args!("{err}"));
         return 2;
     }
 
@@ -308,7 +316,7 @@ pub fn run_binary(settings: Settings) -> i32 {
             Ok(pod) => pod,
             Err(err) => {
                 error!("{err}");
-                eprintln!("ochopod: {err}");
+                report(format_args!("{err}"));
                 return 1;
             }
         };
