@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::pods::{binary, http, http_with_headers, PodProcess, PodSpec};
+use support::pods::{binary, field, http, http_with_headers, wait_formed, PodProcess, PodSpec};
 use support::{shared_server, unique_namespace, wait_until};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -19,29 +19,6 @@ const TOKEN: &str = "9f2c4e7a1b3d5f60718293a4b5c6d7e8";
 
 /// Sub-process that saves its environment, then sleeps.
 const SAVE_ENV: &str = "env > environment; exec sleep 600";
-
-fn field(info: &Value, name: &str) -> String {
-    match &info[name] {
-        Value::String(text) => text.clone(),
-        other => other.to_string(),
-    }
-}
-
-/// Waits until every pod runs its sub-process and exactly one pod leads.
-fn wait_formed(pods: &[PodProcess]) {
-    wait_until(WAIT, "every pod running with one idle leader", || {
-        let infos: Option<Vec<Value>> = pods.iter().map(PodProcess::info).collect();
-        let Some(infos) = infos else {
-            return false;
-        };
-        let running = infos.iter().all(|info| field(info, "process") == "running");
-        let leaders = infos
-            .iter()
-            .filter(|info| field(info, "state") == "leader")
-            .count();
-        running && leaders == 1
-    });
-}
 
 fn bearer(token: &str) -> String {
     format!("Bearer {token}")
@@ -61,7 +38,7 @@ fn cluster_with_token_forms_and_guards_control() {
         .iter()
         .map(|name| PodProcess::start(root.path(), name, &spec()))
         .collect();
-    wait_formed(&pods);
+    wait_formed(&pods, WAIT);
     let port = pods[0].control_port;
 
     for path in [
@@ -147,7 +124,7 @@ fn pod_with_other_token_refuses_leader() {
             .shell(SAVE_ENV)
     };
     let first = PodProcess::start(root.path(), "a", &spec(TOKEN));
-    wait_formed(std::slice::from_ref(&first));
+    wait_formed(std::slice::from_ref(&first), WAIT);
     let second = PodProcess::start(root.path(), "b", &spec("another-token-of-the-right-length"));
 
     // The leader's rounds now fail on the second pod, which never starts its sub-process.
@@ -193,7 +170,7 @@ fn operator_commands_send_token() {
         .env("ochopod_token", TOKEN)
         .shell(SAVE_ENV);
     let pod = PodProcess::start(root.path(), "a", &spec);
-    wait_formed(std::slice::from_ref(&pod));
+    wait_formed(std::slice::from_ref(&pod), WAIT);
 
     let pattern = format!("{namespace}.web");
     let signal = |env: &[(&str, &str)], extra: &[&str]| {

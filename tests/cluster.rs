@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use support::pods::{http, PodProcess, PodSpec};
+use support::pods::{field, http, leader_index, wait_formed, PodProcess, PodSpec};
 use support::{shared_server, unique_namespace, wait_until, ZkServer};
 use zookeeper_client as zk;
 
@@ -65,47 +65,11 @@ fn starts(pod: &PodProcess) -> Vec<String> {
         .collect()
 }
 
-fn field(info: &Value, name: &str) -> String {
-    match &info[name] {
-        Value::String(text) => text.clone(),
-        other => other.to_string(),
-    }
-}
-
 fn start_pods(root: &Path, spec: impl Fn() -> PodSpec, names: &[&str]) -> Vec<PodProcess> {
     names
         .iter()
         .map(|name| PodProcess::start(root, name, &spec()))
         .collect()
-}
-
-/// Waits until every pod runs its sub-process and exactly one pod leads with no round pending.
-fn wait_formed(pods: &[PodProcess]) {
-    wait_until(WAIT, "every pod running with one idle leader", || {
-        let infos: Option<Vec<Value>> = pods.iter().map(PodProcess::info).collect();
-        let Some(infos) = infos else {
-            return false;
-        };
-        let running = infos.iter().all(|info| field(info, "process") == "running");
-        let leaders = infos
-            .iter()
-            .filter(|info| field(info, "state") == "leader")
-            .count();
-        let followers = infos
-            .iter()
-            .filter(|info| field(info, "state") == "follower")
-            .count();
-        running && leaders == 1 && followers == pods.len() - 1
-    });
-}
-
-fn leader_index(pods: &[PodProcess]) -> usize {
-    pods.iter()
-        .position(|pod| {
-            pod.info()
-                .is_some_and(|info| field(&info, "state").starts_with("leader"))
-        })
-        .expect("a leader")
 }
 
 fn snapshot_keys(connect: &str, cluster: &str) -> BTreeSet<String> {
@@ -131,7 +95,7 @@ fn three_pods_form_cluster() {
     };
     let pods = start_pods(root.path(), spec, &["a", "b", "c"]);
 
-    wait_formed(&pods);
+    wait_formed(&pods, WAIT);
     wait_until(WAIT, "snapshot with three pods", || {
         snapshot_keys(&server.connect_string(), &format!("{namespace}.web")).len() == 3
     });
@@ -174,7 +138,7 @@ fn join_fourth(strict: bool) {
             .shell(RECORDER)
     };
     let mut pods = start_pods(root.path(), spec, &["a", "b", "c"]);
-    wait_formed(&pods);
+    wait_formed(&pods, WAIT);
     wait_until(WAIT, "snapshot with three pods", || {
         snapshot_keys(&server.connect_string(), &cluster).len() == 3
     });
@@ -183,7 +147,7 @@ fn join_fourth(strict: bool) {
     wait_until(WAIT, "snapshot with four pods", || {
         snapshot_keys(&server.connect_string(), &cluster).len() == 4
     });
-    wait_formed(&pods);
+    wait_formed(&pods, WAIT);
 
     let newcomer = starts(&pods[3]);
     assert_eq!(newcomer.len(), 1);
@@ -235,7 +199,7 @@ fn leader_sigkill_hands_over() {
             .shell(RECORDER)
     };
     let mut pods = start_pods(root.path(), spec, &["a", "b", "c"]);
-    wait_formed(&pods);
+    wait_formed(&pods, WAIT);
     wait_until(WAIT, "snapshot with three pods", || {
         snapshot_keys(&server.connect_string(), &cluster).len() == 3
     });
@@ -252,7 +216,7 @@ fn leader_sigkill_hands_over() {
     wait_until(WAIT, "snapshot with the two survivors", || {
         snapshot_keys(&server.connect_string(), &cluster).len() == 2
     });
-    wait_formed(&pods);
+    wait_formed(&pods, WAIT);
 }
 
 #[test]
@@ -266,7 +230,7 @@ fn sigterm_exits_zero_and_unregisters() {
         "a",
         &PodSpec::new(&server.connect_string(), &namespace, "web").shell(RECORDER),
     );
-    wait_formed(std::slice::from_ref(&pod));
+    wait_formed(std::slice::from_ref(&pod), WAIT);
     assert_eq!(
         list_children(
             &server.connect_string(),
@@ -352,7 +316,7 @@ fn short_zookeeper_restart_changes_nothing() {
             .shell(RECORDER)
     };
     let pods = start_pods(root.path(), spec, &["a", "b", "c"]);
-    wait_formed(&pods);
+    wait_formed(&pods, WAIT);
     wait_until(WAIT, "snapshot with three pods", || {
         snapshot_keys(&server.connect_string(), &cluster).len() == 3
     });
@@ -368,7 +332,7 @@ fn short_zookeeper_restart_changes_nothing() {
         pods.iter()
             .all(|pod| pod.log_text().contains("session resumed"))
     });
-    wait_formed(&pods);
+    wait_formed(&pods, WAIT);
 
     let (_, after) = read_node(
         &server.connect_string(),
@@ -421,7 +385,7 @@ fn operator_off_then_on_restarts_pods() {
     let root = tempfile::tempdir().unwrap();
     let spec = || PodSpec::new(&zk, &namespace, "web").shell(RECORDER);
     let pods = start_pods(root.path(), spec, &["a", "b"]);
-    wait_formed(&pods);
+    wait_formed(&pods, WAIT);
     let pattern = format!("{namespace}.web");
     let ochopod = |verb: &str| {
         std::process::Command::new(support::pods::binary())

@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use support::pods::{free_port, PodProcess, PodSpec};
+use support::pods::{field, free_port, PodProcess, PodSpec};
 use support::{four_letter, shared_server, unique_namespace};
 use workload::{
-    block_on, connect, dependency_starts, field, hash_version, last_endpoints, wait_for,
-    wait_formed, DEPENDENCY_RECORDER, WAIT,
+    block_on, connect, dependency_starts, hash_version, last_endpoints, wait_for, wait_formed,
+    DEPENDENCY_RECORDER, WAIT,
 };
 use zookeeper_client as zk;
 

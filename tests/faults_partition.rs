@@ -11,12 +11,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use faults_common::{
-    child_of, field, info_within, is_leader, leader_index, obeyed, starts, wait_formed, Admin,
-    LogsOnPanic, RECORDER, WAIT,
+    child_of, info_within, obeyed, starts, wait_formed, Admin, LogsOnPanic, RECORDER, WAIT,
 };
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
-use support::pods::{http_with_headers, PodProcess, PodSpec};
+use support::pods::{field, http_with_headers, is_leader, leader_index, PodProcess, PodSpec};
 use support::proxy::{Fault, FaultProxy};
 use support::{shared_server, unique_namespace, wait_until};
 

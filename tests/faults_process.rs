@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
-use serde_json::Value;
-use support::pods::{http, PodProcess, PodSpec};
+use support::pods::{field, http, PodProcess, PodSpec};
 use support::{shared_server, unique_namespace, wait_until};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -32,13 +31,6 @@ fn start_pod(root: &Path, script: &str, env: &[(&str, &str)]) -> PodProcess {
         spec = spec.env(name, value);
     }
     PodProcess::start(root, "pod", &spec)
-}
-
-fn field(info: &Value, name: &str) -> String {
-    match &info[name] {
-        Value::String(text) => text.clone(),
-        other => other.to_string(),
-    }
 }
 
 /// Waits until `/info` shows a running sub-process and returns its pid.

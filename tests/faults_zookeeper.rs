@@ -14,12 +14,11 @@ use std::fs;
 use std::time::Instant;
 
 use faults_common::{
-    child_of, field, leader_index, starts, wait_formed, Admin, ForeignPod, LogsOnPanic, RECORDER,
-    WAIT,
+    child_of, starts, wait_formed, Admin, ForeignPod, LogsOnPanic, RECORDER, WAIT,
 };
 use nix::sys::signal::Signal;
 use serde_json::json;
-use support::pods::{PodProcess, PodSpec};
+use support::pods::{field, is_leader, leader_index, PodProcess, PodSpec};
 use support::{four_letter, shared_server, unique_namespace, wait_until, ZkEnsemble, ZkServer};
 
 /// Facts of a formed cluster that no fault may change unless a round is expected.
@@ -505,12 +504,9 @@ fn deleted_hash_rewritten_by_next_leader() {
     let (status, _) = support::pods::http(pods[leader].control_port, "POST", "/reset", "").unwrap();
     assert_eq!(status, 200);
     wait_until(WAIT, "another pod leading", || {
-        refs.iter().enumerate().any(|(index, pod)| {
-            index != leader
-                && pod
-                    .info()
-                    .is_some_and(|info| faults_common::is_leader(&info))
-        })
+        refs.iter()
+            .enumerate()
+            .any(|(index, pod)| index != leader && pod.info().is_some_and(|info| is_leader(&info)))
     });
     // The same pods give the same hash.
     wait_until(WAIT, "the hash written again", || {

@@ -10,7 +10,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use serde_json::Value;
-use support::pods::{binary, http, PodProcess, PodSpec};
+use support::pods::{binary, field, http, wait_formed, PodProcess, PodSpec};
 use support::{shared_server, unique_namespace, wait_until, wait_until_async, ZkServer};
 use zookeeper_client as zk;
 
@@ -25,29 +25,6 @@ const SAVE_ENV: &str = "env > environment; exec sleep 600";
 
 fn auth(password: &str) -> String {
     format!("{USER}:{password}")
-}
-
-fn field(info: &Value, name: &str) -> String {
-    match &info[name] {
-        Value::String(text) => text.clone(),
-        other => other.to_string(),
-    }
-}
-
-/// Waits until every pod runs its sub-process and exactly one pod leads.
-fn wait_formed(pods: &[&PodProcess]) {
-    wait_until(WAIT, "every pod running with one idle leader", || {
-        let infos: Option<Vec<Value>> = pods.iter().map(|pod| pod.info()).collect();
-        let Some(infos) = infos else {
-            return false;
-        };
-        let running = infos.iter().all(|info| field(info, "process") == "running");
-        let leaders = infos
-            .iter()
-            .filter(|info| field(info, "state") == "leader")
-            .count();
-        running && leaders == 1
-    });
 }
 
 fn pod_spec(zk: &str, namespace: &str, cluster: &str, auth: Option<&str>) -> PodSpec {
@@ -110,7 +87,7 @@ async fn cluster_with_auth_protects_znodes() {
         .iter()
         .map(|name| PodProcess::start(root.path(), name, &spec))
         .collect();
-    wait_formed(&pods.iter().collect::<Vec<_>>());
+    wait_formed(&pods.iter().collect::<Vec<_>>(), WAIT);
 
     let anonymous = client(&connect, None).await;
     let stranger = client(&connect, Some(&auth(OTHER_PASSWORD))).await;
@@ -251,7 +228,7 @@ async fn cluster_with_auth_protects_znodes() {
     .await;
     let (acls, _) = anonymous.get_acl(&path).await.unwrap();
     assert_protected(&acls, &path);
-    wait_formed(&pods.iter().collect::<Vec<_>>());
+    wait_formed(&pods.iter().collect::<Vec<_>>(), WAIT);
 }
 
 #[test]
@@ -266,7 +243,7 @@ fn pod_with_other_auth_cannot_join() {
         "a",
         &pod_spec(&connect, &namespace, "web", Some(&auth(PASSWORD))),
     );
-    wait_formed(&[&first]);
+    wait_formed(&[&first], WAIT);
 
     let stranger = PodProcess::start(
         root.path(),
@@ -341,7 +318,7 @@ async fn changed_acls_block_election_and_round() {
     let root = tempfile::tempdir().unwrap();
     let spec = pod_spec(&connect, &namespace, "web", Some(&auth(PASSWORD)));
     let first = PodProcess::start(root.path(), "a", &spec);
-    wait_formed(&[&first]);
+    wait_formed(&[&first], WAIT);
 
     // An operator leaves the lock directory and the hash readable only, even to the cluster.
     let owner = client(&connect, Some(&auth(PASSWORD))).await;
@@ -394,7 +371,7 @@ async fn open_cluster_warned_not_changed() {
         "a",
         &pod_spec(&connect, &namespace, "web", None),
     );
-    wait_formed(&[&open]);
+    wait_formed(&[&open], WAIT);
 
     // A pod with credentials joins the cluster that a pod without them created.
     let protected = PodProcess::start(
@@ -402,7 +379,7 @@ async fn open_cluster_warned_not_changed() {
         "b",
         &pod_spec(&connect, &namespace, "web", Some(&auth(PASSWORD))),
     );
-    wait_formed(&[&open, &protected]);
+    wait_formed(&[&open, &protected], WAIT);
     let cluster_path = format!("/ochopod/clusters/{cluster}");
     let warning =
         format!("{cluster_path} grants ALL to anyone, so `zookeeper_auth` does not protect it");
@@ -435,7 +412,7 @@ fn dependent_with_other_auth_reads_snapshot() {
         "db",
         &pod_spec(&connect, &namespace, "db", Some(&auth(PASSWORD))),
     );
-    wait_formed(&[&database]);
+    wait_formed(&[&database], WAIT);
 
     let web = PodProcess::start(
         root.path(),
@@ -443,7 +420,7 @@ fn dependent_with_other_auth_reads_snapshot() {
         &pod_spec(&connect, &namespace, "web", Some(&auth(OTHER_PASSWORD)))
             .env("ochopod_depends_on", "db"),
     );
-    wait_formed(&[&web]);
+    wait_formed(&[&web], WAIT);
     let environment = wait_until(WAIT, "the sub-process environment", || {
         fs::read_to_string(web.dir.join("environment")).ok()
     });
@@ -463,7 +440,7 @@ async fn private_cluster_needs_credentials_to_read() {
     let spec = pod_spec(&connect, &namespace, "web", Some(&auth(PASSWORD)))
         .env("ochopod_zookeeper_world_read", "false");
     let pod = PodProcess::start(root.path(), "a", &spec);
-    wait_formed(&[&pod]);
+    wait_formed(&[&pod], WAIT);
 
     let pods_path = format!("/ochopod/clusters/{cluster}/pods");
     let owner = client(&connect, Some(&auth(PASSWORD))).await;
@@ -540,7 +517,7 @@ fn enforced_auth_rejects_pod_without_credentials() {
         "b",
         &pod_spec(&connect, &namespace, "web", Some(&auth(PASSWORD))),
     );
-    wait_formed(&[&authenticated]);
+    wait_formed(&[&authenticated], WAIT);
 }
 
 /// Arguments, environment, and the origin an error must name.

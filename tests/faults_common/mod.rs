@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde_json::Value;
 use zookeeper_client as zk;
 
-use crate::support::pods::PodProcess;
+use crate::support::pods::{self, PodProcess};
 use crate::support::wait_until;
 
 /// Deadline of every wait for the cluster to settle.
@@ -225,14 +225,6 @@ pub fn starts(pod: &PodProcess) -> Vec<String> {
         .collect()
 }
 
-/// Returns a field of `/info` as text.
-pub fn field(info: &Value, name: &str) -> String {
-    match &info[name] {
-        Value::String(text) => text.clone(),
-        other => other.to_string(),
-    }
-}
-
 /// Returns `/info` of the pod listening on `port`, or `None` when it does not reply within
 /// `timeout` (a stopped process accepts the connection but never replies).
 pub fn info_within(port: u16, timeout: Duration) -> Option<Value> {
@@ -255,36 +247,9 @@ pub fn info_within(port: u16, timeout: Duration) -> Option<Value> {
     serde_json::from_str(&body[start..=end]).ok()
 }
 
-/// Returns whether `/info` reports one of the leader states.
-pub fn is_leader(info: &Value) -> bool {
-    field(info, "state").starts_with("leader")
-}
-
 /// Waits until every pod runs its sub-process and exactly one pod leads with no round pending.
 pub fn wait_formed(pods: &[&PodProcess]) {
-    wait_until(WAIT, "every pod running with one idle leader", || {
-        let infos: Option<Vec<Value>> = pods.iter().map(|pod| pod.info()).collect();
-        let Some(infos) = infos else {
-            return false;
-        };
-        let running = infos.iter().all(|info| field(info, "process") == "running");
-        let leaders = infos
-            .iter()
-            .filter(|info| field(info, "state") == "leader")
-            .count();
-        let followers = infos
-            .iter()
-            .filter(|info| field(info, "state") == "follower")
-            .count();
-        running && leaders == 1 && followers == pods.len() - 1
-    });
-}
-
-/// Returns the index of the pod reporting a leader state.
-pub fn leader_index(pods: &[&PodProcess]) -> usize {
-    pods.iter()
-        .position(|pod| pod.info().is_some_and(|info| is_leader(&info)))
-        .expect("a leader")
+    pods::wait_formed(pods, WAIT);
 }
 
 /// Returns the `pods/` child name of a pod, `<key>.<seq>`, found by the seq in its `/info`.

@@ -1,6 +1,7 @@
 //! Real `ochopod` processes for end-to-end tests, and a small blocking HTTP client for their
 //! control ports.
 
+use std::borrow::Borrow;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -10,6 +11,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
+
+use super::wait::wait_until;
 
 /// Path of the `ochopod` binary: the one cargo built for this integration test, or, for an
 /// example (where cargo defines no `CARGO_BIN_EXE_ochopod`), the binary of the same profile,
@@ -271,4 +274,45 @@ impl Drop for PodProcess {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Returns the `/info` field `name` as text: a string as it is, any other value as JSON.
+pub fn field(info: &Value, name: &str) -> String {
+    match &info[name] {
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Waits up to `timeout` until every pod runs its sub-process, exactly one pod leads with no
+/// round pending, and all the others follow.
+pub fn wait_formed<P: Borrow<PodProcess>>(pods: &[P], timeout: Duration) {
+    wait_until(timeout, "every pod running with one idle leader", || {
+        let infos: Option<Vec<Value>> = pods.iter().map(|pod| pod.borrow().info()).collect();
+        let Some(infos) = infos else {
+            return false;
+        };
+        let running = infos.iter().all(|info| field(info, "process") == "running");
+        let leaders = infos
+            .iter()
+            .filter(|info| field(info, "state") == "leader")
+            .count();
+        let followers = infos
+            .iter()
+            .filter(|info| field(info, "state") == "follower")
+            .count();
+        running && leaders == 1 && followers == pods.len() - 1
+    });
+}
+
+/// Returns whether `/info` reports one of the leader states.
+pub fn is_leader(info: &Value) -> bool {
+    field(info, "state").starts_with("leader")
+}
+
+/// Returns the index of the pod reporting a leader state.
+pub fn leader_index<P: Borrow<PodProcess>>(pods: &[P]) -> usize {
+    pods.iter()
+        .position(|pod| pod.borrow().info().is_some_and(|info| is_leader(&info)))
+        .expect("a leader")
 }

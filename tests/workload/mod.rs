@@ -15,8 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use zookeeper_client as zk;
 
-use crate::support::pods::PodProcess;
-use crate::support::wait_until;
+use crate::support::pods::{self, PodProcess};
 
 /// Time a cluster may take to form, reconfigure or heal.
 pub const WAIT: Duration = Duration::from_secs(60);
@@ -146,32 +145,9 @@ pub fn last_endpoints(pod: &PodProcess, variable: &str) -> Option<BTreeSet<Strin
     Some(value.split(',').map(str::to_string).collect())
 }
 
-/// Returns a field of `/info` as text.
-pub fn field(info: &Value, name: &str) -> String {
-    match &info[name] {
-        Value::String(text) => text.clone(),
-        other => other.to_string(),
-    }
-}
-
 /// Waits until every pod runs its sub-process and exactly one pod leads with no round pending.
 pub fn wait_formed(pods: &[&PodProcess]) {
-    wait_until(WAIT, "every pod running with one idle leader", || {
-        let infos: Option<Vec<Value>> = pods.iter().map(|pod| pod.info()).collect();
-        let Some(infos) = infos else {
-            return false;
-        };
-        let running = infos.iter().all(|info| field(info, "process") == "running");
-        let leaders = infos
-            .iter()
-            .filter(|info| field(info, "state") == "leader")
-            .count();
-        let followers = infos
-            .iter()
-            .filter(|info| field(info, "state") == "follower")
-            .count();
-        running && leaders == 1 && followers == pods.len() - 1
-    });
+    pods::wait_formed(pods, WAIT);
 }
 
 /// Waits until `probe` returns `Ok` and returns its value, polling every 100 ms for up to
