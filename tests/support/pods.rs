@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -34,10 +35,38 @@ pub fn binary() -> &'static str {
     })
 }
 
-/// Returns a loopback port that was free a moment ago.
+/// Ports that [`free_port`] hands out: below Linux's default ephemeral range (32768 to 60999),
+/// from which the kernel picks the local port of every outgoing connection. A port picked
+/// with `bind(0)` comes from that range and, once released, can become the local end of
+/// another test's ZooKeeper or HTTP connection before the pod binds it.
+const PORT_RANGE: std::ops::Range<u16> = 20000..32768;
+
+/// Returns a loopback port that was free a moment ago and that no earlier call of this
+/// process returned.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port");
-    listener.local_addr().unwrap().port()
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+
+    let span = u32::from(PORT_RANGE.end - PORT_RANGE.start);
+    // Test binaries start at different places in the range, so that pods a previous binary
+    // left behind are unlikely to hold the ports this one tries first.
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id() % span,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..span {
+        let offset = NEXT.fetch_add(1, Ordering::SeqCst) % span;
+        let port = PORT_RANGE.start + offset as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!(
+        "no free loopback port between {} and {}",
+        PORT_RANGE.start,
+        PORT_RANGE.end - 1
+    );
 }
 
 /// Sends one HTTP/1.1 request to `127.0.0.1:port` and returns the status and the JSON body
