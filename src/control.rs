@@ -92,7 +92,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// Time a client has to send a request's head once connected; slower clients get 408.
 const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Time a client has to send a request's body once its head arrived; slower clients get 408
+/// Time a client has to send a request's body once its head arrived. Slower clients get 408
 /// and the connection is closed, so a body that never comes does not hold a connection slot.
 const BODY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -784,10 +784,9 @@ fn parse_timeout(segment: Option<&str>) -> Result<Duration, ApiError> {
     }
 }
 
-/// Parses the `X-Ochopod-Epoch` header; absent means the request does not come from a leader.
 /// Parses a control request's body: a cluster view straight into its type for every verb but
-/// `signal`, free JSON otherwise. A body that is JSON but not a view is handed on as JSON, so
-/// that the lifecycle's reply says what is wrong with its shape. An empty body is `{}`.
+/// `signal`, free JSON otherwise. A body that is JSON but not a view is passed on as JSON, so
+/// that the lifecycle's reply reports what is wrong with its shape. An empty body is `{}`.
 fn parse_body(verb: Verb, body: &[u8]) -> Result<ControlBody, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(ControlBody::Json(json!({})));
@@ -802,6 +801,7 @@ fn parse_body(verb: Verb, body: &[u8]) -> Result<ControlBody, ApiError> {
         .map_err(|error| ApiError::bad_request(format!("invalid JSON body: {error}")))
 }
 
+/// Parses the `X-Ochopod-Epoch` header; absent means the request does not come from a leader.
 fn parse_epoch(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
     let Some(value) = headers.get(EPOCH_HEADER) else {
         return Ok(None);

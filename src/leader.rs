@@ -2,7 +2,7 @@
 //! dependencies and drives configuration rounds over every pod.
 //!
 //! Reactive model: nothing polls. A ZooKeeper watch on `pods/` and on each dependency's
-//! `snapshot` (plus the cluster list when a dependency has wildcards) wakes the actor; it
+//! `snapshot` (plus the cluster list when a dependency has wildcards) wakes the actor. It then
 //! computes the hash of (pods, dependency snapshots) and compares it with the stored `hash`.
 //! Equal means nothing to do. Different means a round is pending; it starts when the damper
 //! expires, unless the hash came back to the stored value first. Changes that arrive during a
@@ -47,8 +47,8 @@ use crate::telemetry::{Role, Telemetry};
 /// Shortest wait before a failed round is tried again, so a damper of 0 does not spin.
 const MIN_RETRY_DELAY: Duration = Duration::from_secs(1);
 
-/// Longest wait between two attempts of a round that keeps failing over the same cluster state;
-/// the wait doubles from the damper (at least `MIN_RETRY_DELAY`) up to this.
+/// Maximum wait between two attempts of a round that keeps failing over the same cluster
+/// state. The wait doubles from the damper (at least `MIN_RETRY_DELAY`) up to this.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
 
 /// Delay before a failed ZooKeeper read of the leader is tried again, unless ZooKeeper denied
@@ -60,8 +60,8 @@ const LEASE_SHARE: (u32, u32) = (2, 3);
 
 /// Share of the negotiated session timeout between two lease renewals. The lease outlasts
 /// three failed renewals in a row. The share is just below the 3/20 of the timeout after
-/// which the ZooKeeper client pings an idle session, so each renewal stands in for a ping
-/// and an idle leader sends ZooKeeper no more packets than a follower does.
+/// which the ZooKeeper client pings an idle session, so each renewal replaces a ping. An idle
+/// leader then sends 7 packets per session timeout, against 5 to 7 pings from a follower.
 const RENEW_SHARE: (u32, u32) = (1, 7);
 
 /// Control requests in flight at once during a parallel round.
