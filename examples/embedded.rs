@@ -8,10 +8,10 @@
 //! pod's start to every pod configured, the rounds the leader ran, and the process's memory.
 //!
 //! With `--leader binary`, the leader is a real `ochopod run` process started first (so it wins
-//! the election), and the other N - 1 pods run embedded. The leader's own memory and its
-//! ZooKeeper traffic can then be told apart: the example also adds one more pod once the
-//! cluster is formed and counts the packets ZooKeeper received on the leader's connection for
-//! that change (from the server's `cons` command).
+//! the election), and the other N - 1 pods run embedded, so the leader's own memory and
+//! ZooKeeper traffic are measured separately. The example then adds one more pod and counts the
+//! packets ZooKeeper received on the leader's connection for that change (from the server's
+//! `cons` command).
 //!
 //! ```sh
 //! cargo run --release --example embedded -- --pods 100
@@ -38,7 +38,7 @@ use ochopod::telemetry::{Role, Telemetry};
 use support::pods::{free_port, PodProcess, PodSpec};
 use support::ZkServer;
 
-/// Longest wait for the cluster to form, and for the leader binary to lead.
+/// Maximum wait for the cluster to form, and for the leader binary to lead.
 const WAIT: Duration = Duration::from_secs(300);
 
 const NAMESPACE: &str = "bench";

@@ -12,7 +12,7 @@
 //!
 //! While the session is disconnected a leader must assume it may have lost the lock, so the
 //! leader actor is suspended. When the same session resumes, the lock node is read again and
-//! its owner compared with the current session before the lead is resumed; a lost session
+//! its owner compared with the current session before the lead is resumed. A lost session
 //! always deposes.
 
 use std::sync::Arc;

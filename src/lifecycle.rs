@@ -105,7 +105,7 @@ impl From<serde_json::Value> for ControlBody {
     }
 }
 
-/// Why a control request was not done; each maps to one HTTP status.
+/// Reason a control request was not done. Each maps to one HTTP status.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum ControlError {
     /// 406: a `check` or `configure` step failed.

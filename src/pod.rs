@@ -200,7 +200,7 @@ impl Pod {
 
 /// Returns the address the control server binds. With the local binding it is the registered
 /// address (127.0.0.1 unless the `ip` setting names another one of this host), so the pod
-/// listens where the leader reaches it; inside a container it is every interface.
+/// listens where the leader reaches it. Inside a container it is every interface.
 fn listen_ip(identity: &Identity) -> IpAddr {
     if identity.binding == "local" {
         identity
@@ -272,7 +272,7 @@ impl Handler<AttachSupervisor> for Relay {
 }
 
 /// Prints a start-up error on stderr. Unlike `eprintln!`, it does not panic when stderr is
-/// closed, so the exit code still tells what went wrong.
+/// closed, so the exit code still reports what went wrong.
 fn report(message: std::fmt::Arguments<'_>) {
     use std::io::Write;
 

@@ -8,8 +8,8 @@
 //! - `SyncConnected` after a disconnection: subscribers get `Resumed` with the same client, and
 //!   must re-arm their watches and re-read what they watch, because events that fired while the
 //!   connection was down may be lost.
-//! - `Expired`, `AuthFailed`, or `Closed` while not closing: the ephemeral nodes are gone;
-//!   subscribers get `Lost`, the actor builds a new client and registers again under the same
+//! - `Expired`, `AuthFailed`, or `Closed` while not closing: the ephemeral nodes are gone.
+//!   Subscribers get `Lost`, the actor builds a new client and registers again under the same
 //!   key and seq, then subscribers get `Registered` with the new client.
 //!
 //! A connection or registration that fails is tried again after a second. One that ZooKeeper
@@ -500,7 +500,7 @@ impl Handler<CloseSession> for Session {
                     return;
                 };
                 // Deleting the node makes the pod vanish at once for the leader, whatever the
-                // other clones of the client still do; dropping the last clone closes the session.
+                // other clones of the client still do. Dropping the last clone closes the session.
                 match tokio::time::timeout(CLOSE_TIMEOUT, client.delete(&node, None)).await {
                     Ok(Ok(())) | Ok(Err(zk::Error::NoNode)) => {
                         info!("cluster {cluster}: registration {node} deleted")

@@ -1,8 +1,8 @@
 //! Runtime facts of a pod that the control server publishes in `/info` and `/metrics`.
 //!
-//! Each fact has one writer, the actor that owns it (the lifecycle writes the process state,
+//! Each fact has one writer, the actor that owns it: the lifecycle writes the process state,
 //! the election and leader write the role, the session writes the session state and the
-//! ZooKeeper error); the control server only reads. A plain mutex is enough: every critical
+//! ZooKeeper error. The control server only reads. A plain mutex is enough: every critical
 //! section is a copy of a few fields.
 
 use std::sync::atomic::{AtomicU64, Ordering};

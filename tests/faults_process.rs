@@ -349,7 +349,7 @@ fn pid_one_reaps_orphans() {
     wait_running(&pod);
 
     // Sample while hundreds of orphans come and go. A reaper that missed them would pile up one
-    // zombie per orphan; a working one leaves only those whose SIGCHLD it has not handled yet,
+    // zombie per orphan. A working one leaves only those whose SIGCHLD it has not handled yet,
     // a few more when the test host is busy.
     let mut samples = Vec::new();
     let started = Instant::now();

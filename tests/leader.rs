@@ -1,4 +1,4 @@
-//! The leader actor alone: a real ZooKeeper server holds the registrations, fake pods (small
+//! The leader actor alone: a real ZooKeeper server stores the registrations, fake pods (small
 //! HTTP servers on 127.0.0.1) record the control requests, and the test plays the election.
 
 mod support;
@@ -31,8 +31,8 @@ struct Seen {
     size: usize,
 }
 
-/// A fake pod: answers every control request with the status set for its verb (200 unless
-/// told otherwise) and records it.
+/// A fake pod: replies to every control request with the status set for its verb (200 by
+/// default) and records it.
 struct FakePod {
     port: u16,
     seen: Arc<Mutex<Vec<Seen>>>,
@@ -377,8 +377,8 @@ async fn deposed_leader_stops_configuring() {
     let other = FakePod::start();
     register(&client, &cluster, "b", &other).await;
 
-    // A live leader reacts within milliseconds; a fresh leader on the same state proves the
-    // change was visible, and the deposed one must not have touched the newcomer.
+    // A live leader reacts within milliseconds. A fresh leader on the same state proves that
+    // the change was visible, and the deposed one must not have touched the newcomer.
     let witness = start_leader(&cluster, Duration::ZERO);
     witness.do_send(LeadershipEvent::Elected {
         epoch: 6,

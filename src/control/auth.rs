@@ -10,7 +10,7 @@
 //! about the token. The bearer form hashes both sides first, which also hides the
 //! token's length.
 //!
-//! NOTE: a signature covers the body only, not the path or a timestamp, so whoever captures a
+//! NOTE: a signature covers the body only, not the path or a timestamp, so anyone who captures a
 //! signed request can replay its body to any verb of the same pod. Bind the control port to a
 //! private network; the bearer form has the same exposure on plain HTTP.
 

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize, Serializer};
 pub const REDACTED: &str = "<redacted>";
 
 /// Minimum number of characters of a token. A shorter secret could be guessed over the network,
-/// because the control server answers every attempt.
+/// because the control server replies to every attempt.
 pub const MIN_TOKEN_CHARS: usize = 16;
 
 /// Maximum number of characters of a token, which travels in an HTTP header.

@@ -249,7 +249,7 @@ impl PodProcess {
         self.child.id() as i32
     }
 
-    /// Returns `/info`, or `None` while the control server does not answer.
+    /// Returns `/info`, or `None` while the control server does not reply.
     pub fn info(&self) -> Option<Value> {
         match http(self.control_port, "GET", "/info", "") {
             Ok((200, info)) => Some(info),

@@ -86,7 +86,7 @@ impl FaultProxy {
     }
 }
 
-/// Copies bytes both ways until either side closes or the fault says otherwise.
+/// Copies bytes both ways until either side closes or the current fault stops the copy.
 async fn relay(mut client: TcpStream, target: SocketAddr, mut fault: watch::Receiver<Fault>) {
     let Ok(mut server) = TcpStream::connect(target).await else {
         return;
